@@ -1,0 +1,423 @@
+"""Image GPT (Chen et al., 2020) in flax.linen.
+
+The model reads images as sequences of palette tokens ([B, T] int32, T = n_px**2, values in
+[0, vocab_size)) and returns next-token (AR) or masked-token (BERT) logits [B, T, vocab_size].
+
+Architecture, exactly as the official release: pre-norm GPT-2 blocks whose norm has neither mean
+subtraction nor bias, quick-GELU MLP, no biases anywhere, learned positions, a learned start-of-
+sequence vector, and an untied output table initialised to zero.
+
+Every parameter is declared with logical axis names and the activations are constrained with
+`batch`/`length`/`embed`, so `igpt_jax.sharding` can lay the model over any mesh; without a mesh
+the annotations are no-ops.
+
+Entry points (all through `IGPT(cfg).apply({"params": p}, ..., method=...)`):
+  __call__(tokens[B, T], bert_mask=None) -> logits[B, T, V]
+  features(tokens, layers, reading)      -> {layer: [B, D]} mean-pooled taps (linear probes)
+  classify(tokens, bert_mask=None)       -> (logits[B, T, V], class_logits[B, C])
+  decode(ids[B, S], index)               -> logits[B, S, V], with mutable=["cache"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterable, Mapping
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+OBJECTIVES = ("ar", "bert")
+ATTENTIONS = ("xla", "cudnn", "auto")
+REMATS = ("none", "full", "dots")
+READINGS = ("ln1", "residual")
+BERT_MASK_PROB = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class IGPTConfig:
+  """Hyper-parameters of one iGPT model. Field names follow GPT-2 (`n_layer`, `n_embd`, ...).
+
+  dtype: compute dtype of matmuls and attention ("float32" or "bfloat16"); norm statistics,
+    softmax and the residual stream stay float32 so bf16 keeps the fp32 loss.
+  param_dtype: storage dtype of the parameters (the optimizer's master copy).
+  remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep only the
+    matmul outputs without batch dims).
+  scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with
+    `nn.scan` (one compiled block: compile time independent of depth).
+  attention: implementation passed to `jax.nn.dot_product_attention`: "xla", "cudnn" (flash
+    attention on NVIDIA GPUs, needs bf16/fp16) or "auto" (let JAX choose).
+  n_classes: > 0 adds the fine-tuning classifier head (mean of the ln_f output, zero init).
+  """
+
+  n_px: int = 32
+  n_layer: int = 24
+  n_embd: int = 512
+  n_head: int = 8
+  vocab_size: int = 512
+  objective: str = "ar"
+  n_classes: int = 0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  scan_layers: bool = False
+  attention: str = "xla"
+  norm_eps: float = 1e-5
+
+  def __post_init__(self):
+    for name in ("n_px", "n_layer", "n_embd", "n_head", "vocab_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"IGPTConfig.{name} must be a positive int, got {value!r}")
+    if self.n_embd % self.n_head:
+      raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+    choices = {"objective": OBJECTIVES, "attention": ATTENTIONS, "remat": REMATS,
+               "dtype": ("float32", "bfloat16", "float16"),
+               "param_dtype": ("float32", "bfloat16")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"IGPTConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+    if self.n_classes < 0:
+      raise ValueError(f"IGPTConfig.n_classes must be >= 0, got {self.n_classes}")
+
+  @property
+  def n_ctx(self) -> int:
+    return self.n_px * self.n_px
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  @property
+  def sos_id(self) -> int:
+    """Input id that stands for the start vector in `decode` (one past the palette)."""
+    return self.vocab_size
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> "IGPTConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f"unknown IGPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**d)
+
+  def replace(self, **overrides) -> "IGPTConfig":
+    return _replace_checked(self, overrides)
+
+
+def _replace_checked(cfg: IGPTConfig, overrides: Mapping) -> IGPTConfig:
+  known = {f.name for f in dataclasses.fields(IGPTConfig)}
+  unknown = set(overrides) - known
+  if unknown:
+    raise ValueError(f"unknown IGPTConfig fields {sorted(unknown)}; known: {sorted(known)}")
+  return dataclasses.replace(cfg, **overrides)
+
+
+# The paper's Table 1. iGPT-XL's head count is not published; 24 heads of 128 is our choice.
+PRESETS = {
+    "igpt_s": dict(n_layer=24, n_embd=512, n_head=8),
+    "igpt_m": dict(n_layer=36, n_embd=1024, n_head=8),
+    "igpt_l": dict(n_layer=48, n_embd=1536, n_head=16),
+    "igpt_xl": dict(n_layer=60, n_embd=3072, n_head=24),
+}
+
+
+def preset(name: str, **overrides) -> IGPTConfig:
+  """Config of a published model size (`igpt_s|m|l|xl`), n_px 32 unless overridden."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+  return _replace_checked(IGPTConfig(**PRESETS[name]), overrides)
+
+
+def param_count(cfg: IGPTConfig) -> int:
+  """Closed-form count: L*(12 D^2 + 2D) + T*D + 2*V*D + 2D (+ sos, + classifier)."""
+  d, v = cfg.n_embd, cfg.vocab_size
+  blocks = cfg.n_layer * (12 * d * d + 2 * d)
+  return blocks + cfg.n_ctx * d + 2 * v * d + d + d + cfg.n_classes * d
+
+
+def check_tokens(tokens: jax.Array, cfg: IGPTConfig, *, full_length: bool = True) -> None:
+  """ValueError unless tokens are an int [B, T] batch of palette ids (value check if concrete)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+  if full_length and tokens.shape[1] != cfg.n_ctx:
+    raise ValueError(f"tokens have length {tokens.shape[1]}, but n_px={cfg.n_px} needs "
+                     f"{cfg.n_ctx} (= n_px**2)")
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
+
+
+def draw_bert_mask(rng: jax.Array, shape: tuple[int, int], prob: float = BERT_MASK_PROB):
+  """Bool [B, T]: True where a token is masked (its embedding zeroed, its loss counted)."""
+  return jax.random.bernoulli(rng, prob, shape)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  """The release's norm: x * rsqrt(mean(x^2) + eps) * g. No mean subtraction, no bias."""
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):  # [..., D]
+    g = self.param("g", _partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                   self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * g.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  cfg: IGPTConfig
+
+  @nn.compact
+  def __call__(self, x, *, decode_index=None):  # x: [B, S, D] -> [B, S, D]
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+    # One fused [D, 3, H, hd] projection: a single wide matmul instead of three.
+    w_qkv = self.param("c_attn", _partitioned(nn.initializers.normal(1 / math.sqrt(d)),
+                                              ("embed", None, "heads", "kv")),
+                       (d, 3, h, hd), pdtype)
+    w_out = self.param("c_proj",
+                       _partitioned(nn.initializers.normal(1 / math.sqrt(d * cfg.n_layer)),
+                                    ("heads", "kv", "embed")),
+                       (h, hd, d), pdtype)
+    qkv = jnp.einsum("bsd,dchk->cbshk", x, w_qkv.astype(dtype))
+    q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv")) for t in qkv)
+
+    if decode_index is None:
+      impl = None if cfg.attention == "auto" else cfg.attention
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.objective == "ar",
+                                       implementation=impl)
+    else:
+      y = self._cached_attention(q, k, v, decode_index)
+    y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+    return jnp.einsum("bshk,hkd->bsd", y, w_out.astype(dtype))
+
+  def _cached_attention(self, q, k, v, index):
+    """Writes this chunk's keys/values at [index, index+S) and attends causally over the cache."""
+    cfg = self.cfg
+    b, s = q.shape[:2]
+    shape = (b, cfg.n_ctx, cfg.n_head, cfg.head_dim)
+    ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
+    cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
+    if ck.value.shape != shape:
+      raise ValueError(f"cache holds batch/length {ck.value.shape[:2]}, chunk needs {shape[:2]}")
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, index, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, index, 0, 0))
+    query_pos = index + jnp.arange(s)
+    visible = jnp.arange(cfg.n_ctx)[None, :] <= query_pos[:, None]  # [S, T]
+    return jax.nn.dot_product_attention(q, ck.value, cv.value, mask=visible[None, None],
+                                        implementation="xla")
+
+
+class Block(nn.Module):
+  """Pre-norm block; also returns mean-pooled taps [B, D] (ln_1 output, residual input)."""
+  cfg: IGPTConfig
+
+  @nn.compact
+  def __call__(self, x, decode_index=None):  # x: [B, S, D] float32 residual stream
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d = cfg.n_embd
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_1")(x)
+    taps = {"ln1": jnp.mean(h.astype(jnp.float32), axis=1), "residual": jnp.mean(x, axis=1)}
+    x = x + Attention(cfg, name="attn")(h, decode_index=decode_index).astype(x.dtype)
+
+    h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_2")(x)
+    w_fc = self.param("c_fc", _partitioned(nn.initializers.normal(0.02), ("embed", "mlp")),
+                      (d, 4 * d), pdtype)
+    w_proj = self.param("c_proj", _partitioned(nn.initializers.normal(0.02), ("mlp", "embed")),
+                        (4 * d, d), pdtype)
+    h = quick_gelu(h @ w_fc.astype(dtype))
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    x = x + (h @ w_proj.astype(dtype)).astype(x.dtype)
+    return x, taps
+
+
+class IGPT(nn.Module):
+  cfg: IGPTConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdtype = jnp.dtype(cfg.param_dtype)
+    d = cfg.n_embd
+    self.wte = self.param("wte", _partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+                          (cfg.vocab_size, d), pdtype)
+    self.wpe = self.param("wpe", _partitioned(nn.initializers.normal(0.01), (None, "embed")),
+                          (cfg.n_ctx, d), pdtype)
+    self.sos = self.param("sos", _partitioned(nn.initializers.normal(0.02), ("embed",)), (d,),
+                          pdtype)
+    # Untied output table, zero at init: the first loss is exactly log(vocab_size).
+    self.wtet = self.param("wtet", _partitioned(nn.initializers.zeros, ("vocab", "embed")),
+                           (cfg.vocab_size, d), pdtype)
+    if cfg.n_classes:
+      self.clf = self.param("clf", _partitioned(nn.initializers.zeros, ("embed", "classes")),
+                            (d, cfg.n_classes), pdtype)
+    self.ln_f = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), pdtype)
+
+    block = Block
+    if cfg.remat != "none":
+      policy = (None if cfg.remat == "full"
+                else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+      block = nn.remat(block, policy=policy)
+    if cfg.scan_layers:
+      self.blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                            split_rngs={"params": True}, in_axes=nn.broadcast,
+                            length=cfg.n_layer,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="h")
+    else:
+      self.blocks = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+
+  # -- embeddings ---------------------------------------------------------------------------
+
+  def _embed_ids(self, ids):
+    """[B, S] ids in [0, V] (V = sos_id) -> [B, S, D] float32."""
+    tok = jnp.take(self.wte, jnp.minimum(ids, self.cfg.vocab_size - 1), axis=0)
+    return jnp.where((ids == self.cfg.sos_id)[..., None], self.sos, tok).astype(jnp.float32)
+
+  def _embed(self, tokens, bert_mask):
+    """Model input for a whole image [B, T] -> [B, T, D] float32."""
+    cfg = self.cfg
+    check_tokens(tokens, cfg)
+    if cfg.objective == "ar":
+      if bert_mask is not None:
+        raise ValueError("bert_mask is only for objective='bert'")
+      # Position i sees sos, x_0 .. x_{i-1} and predicts x_i.
+      sos = jnp.full((tokens.shape[0], 1), cfg.sos_id, tokens.dtype)
+      x = self._embed_ids(jnp.concatenate([sos, tokens[:, :-1]], axis=1))
+    else:
+      if bert_mask is None:
+        raise ValueError("objective='bert' needs bert_mask [B, T] (see draw_bert_mask)")
+      chex.assert_shape(bert_mask, tokens.shape)
+      # Masking multiplies the embedding by zero: the model keeps no mask token row.
+      x = self._embed_ids(tokens) * (1.0 - bert_mask[..., None].astype(jnp.float32))
+    return x + self.wpe.astype(jnp.float32)[None]
+
+  # -- trunk --------------------------------------------------------------------------------
+
+  def _trunk(self, x, decode_index=None):
+    """Runs the blocks. Returns h [B, S, D] (float32, pre-ln_f) and taps {reading: [L, B, D]}."""
+    if self.cfg.scan_layers:
+      return self.blocks(x, decode_index)
+    per_layer = []
+    for block in self.blocks:
+      x, taps = block(x, decode_index)
+      per_layer.append(taps)
+    return x, jax.tree.map(lambda *t: jnp.stack(t), *per_layer)
+
+  def _logits(self, h):  # [B, S, D] -> [B, S, V] float32
+    hn = self.ln_f(h)
+    logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, tokens, bert_mask=None):
+    """tokens [B, T] int -> logits [B, T, V] float32."""
+    h, _ = self._trunk(self._embed(tokens, bert_mask))
+    return self._logits(h)
+
+  def classify(self, tokens, bert_mask=None):
+    """-> (logits [B, T, V], class_logits [B, C]); the classifier reads mean(ln_f(h))."""
+    if not self.cfg.n_classes:
+      raise ValueError("classify needs IGPTConfig.n_classes > 0")
+    h, _ = self._trunk(self._embed(tokens, bert_mask))
+    hn = self.ln_f(h)
+    logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype)).astype(jnp.float32)
+    pooled = jnp.mean(hn.astype(jnp.float32), axis=1)
+    return logits, pooled @ self.clf.astype(jnp.float32)
+
+  def features(self, tokens, layers: Iterable[int] | None = None, reading: str = "ln1",
+               bert_mask=None):
+    """Mean-pooled features for linear probes: {layer: [B, D] float32}.
+
+    Layer l in [0, n_layer) is block l's input, read after its ln_1 (`reading="ln1"`, the
+    paper's probe, gain included) or before it (`reading="residual"`); layer n_layer is the
+    ln_f output. With scan_layers all blocks run; otherwise only up to the deepest one asked.
+    """
+    cfg = self.cfg
+    layers = range(cfg.n_layer + 1) if layers is None else tuple(layers)
+    check_layers(cfg, layers)
+    if reading not in READINGS:
+      raise ValueError(f"reading={reading!r}; expected one of {READINGS}")
+    x = self._embed(tokens, bert_mask)
+    if cfg.scan_layers or max(layers) == cfg.n_layer:
+      h, taps = self._trunk(x)
+    else:
+      per_layer = []
+      for block in self.blocks[:max(layers) + 1]:
+        x, t = block(x)
+        per_layer.append(t)
+      h, taps = None, jax.tree.map(lambda *t: jnp.stack(t), *per_layer)
+    out = {}
+    for layer in layers:
+      if layer == cfg.n_layer:
+        out[layer] = jnp.mean(self.ln_f(h).astype(jnp.float32), axis=1)
+      else:
+        out[layer] = taps[reading][layer]
+    return out
+
+  def decode(self, ids, index):
+    """Incremental AR forward over positions [index, index + S) with a KV cache.
+
+    ids [B, S]: the *input* ids at those positions, i.e. the previous image token, or
+    `cfg.sos_id` at position 0. Call with `mutable=["cache"]`; the cache is created on first
+    use (see `init_cache`). Returns logits [B, S, V] for the tokens at those positions.
+    """
+    cfg = self.cfg
+    if cfg.objective != "ar":
+      raise ValueError("decode needs objective='ar'")
+    s = ids.shape[1]
+    x = self._embed_ids(ids)
+    x = x + jax.lax.dynamic_slice_in_dim(self.wpe.astype(jnp.float32), index, s)[None]
+    h, _ = self._trunk(x, decode_index=index)
+    return self._logits(h)
+
+
+def check_layers(cfg: IGPTConfig, layers) -> None:
+  bad = [l for l in layers if not isinstance(l, int) or not 0 <= l <= cfg.n_layer]
+  if bad or not layers:
+    raise ValueError(f"layers {bad or list(layers)} out of range: valid layers are 0..{cfg.n_layer}"
+                     f" ({cfg.n_layer} = final norm output)")
+
+
+def init_params(cfg: IGPTConfig, rng: jax.Array):
+  """Unboxed parameters (plain arrays) of a fresh model."""
+  tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
+  mask = jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None
+  variables = IGPT(cfg).init(rng, tokens, mask)
+  return nn.unbox(variables["params"])
+
+
+def abstract_params(cfg: IGPTConfig):
+  """ShapeDtypeStructs of the parameters, with their logical partitioning boxes; no memory."""
+  return jax.eval_shape(lambda: IGPT(cfg).init(
+      jax.random.key(0), jnp.zeros((1, cfg.n_ctx), jnp.int32),
+      jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None))["params"]
+
+
+def init_cache(cfg: IGPTConfig, batch_size: int):
+  """Zero KV cache for `decode` with this batch size."""
+  model = IGPT(cfg)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), 0, method=IGPT.decode))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
