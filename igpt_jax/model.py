@@ -400,8 +400,9 @@ def check_layers(cfg: IGPTConfig, layers) -> None:
                      f" ({cfg.n_layer} = final norm output)")
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: IGPTConfig, rng: jax.Array):
-  """Unboxed parameters (plain arrays) of a fresh model."""
+  """Unboxed parameters (plain arrays) of a fresh model (jitted: eager init is slow)."""
   tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
   mask = jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None
   variables = IGPT(cfg).init(rng, tokens, mask)

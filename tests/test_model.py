@@ -1,0 +1,180 @@
+"""The model: published sizes, causality, the KV cache, taps, options and input checks."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from igpt_jax import model as M
+
+TINY = M.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=4)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def randomized_params(cfg, seed=0):
+  """Fresh params with every leaf perturbed: the zero-init head would hide most bugs."""
+  params = M.init_params(cfg, jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(
+      tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def tokens_for(cfg, batch=2, seed=0):
+  # numpy, so that editing tokens in a test costs no eager XLA compile per op
+  return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.n_ctx), np.int32)
+
+
+def with_token(tokens, pos, shift):
+  changed = tokens.copy()
+  changed[0, pos] = (changed[0, pos] + shift) % 512
+  return changed
+
+
+@pytest.mark.parametrize("name,millions", [("igpt_s", 76.6), ("igpt_m", 455.2),
+                                           ("igpt_l", 1362.3), ("igpt_xl", 6801.4)])
+def test_preset_param_counts_match_paper(name, millions):
+  cfg = M.preset(name)
+  shapes = M.abstract_params(cfg)
+  counted = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  assert counted == M.param_count(cfg)
+  assert abs(counted / 1e6 - millions) / millions < 1e-3
+
+
+def test_init_follows_release():
+  cfg = M.IGPTConfig(n_px=16, n_layer=4, n_embd=256, n_head=4)
+  p = M.init_params(cfg, jax.random.key(0))
+  assert not np.any(p["wtet"])  # zero head: initial loss is exactly log(V)
+  np.testing.assert_allclose(np.std(p["wpe"]), 0.01, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["wte"]), 0.02, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["h_0"]["attn"]["c_attn"]), 1 / 16, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["h_0"]["attn"]["c_proj"]), 1 / np.sqrt(256 * 4), rtol=0.05)
+  np.testing.assert_allclose(np.std(p["h_0"]["c_fc"]), 0.02, rtol=0.05)
+  np.testing.assert_array_equal(p["h_0"]["ln_1"]["g"], 1.0)
+  logits = jax.jit(M.IGPT(cfg).apply)({"params": p}, tokens_for(cfg))
+  np.testing.assert_array_equal(logits, 0.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_ar_is_causal(scan):
+  cfg = TINY.replace(scan_layers=scan)
+  params = randomized_params(cfg)
+  tokens = tokens_for(cfg, batch=1)
+  jitted = jax.jit(lambda t: M.IGPT(cfg).apply({"params": params}, t))
+  forward = lambda t: np.asarray(jitted(t))
+  base = forward(tokens)
+  for t in (0, 5, cfg.n_ctx - 1):
+    out = forward(with_token(tokens, t, 1))
+    # Position i predicts token i from tokens < i, so positions <= t must not move...
+    np.testing.assert_array_equal(out[0, :t + 1], base[0, :t + 1])
+    # ...and the change must reach the later ones, or the test proves nothing.
+    if t + 1 < cfg.n_ctx:
+      assert np.abs(out[0, t + 1:] - base[0, t + 1:]).max() > 1e-4
+
+
+def test_bert_sees_both_sides_and_zeroes_masked_embeddings():
+  cfg = TINY.replace(objective="bert")
+  params = randomized_params(cfg)
+  tokens = tokens_for(cfg, batch=1)
+  mask = np.zeros(tokens.shape, bool)
+  mask[0, 3] = True
+  jitted = jax.jit(lambda t: M.IGPT(cfg).apply({"params": params}, t, mask))
+  forward = lambda t: np.asarray(jitted(t))
+  base = forward(tokens)
+  np.testing.assert_array_equal(forward(with_token(tokens, 3, 7)), base)
+  out = forward(with_token(tokens, 10, 7))
+  assert np.abs(out[0, :10] - base[0, :10]).max() > 1e-4  # no causal mask
+  with pytest.raises(ValueError, match="bert_mask"):
+    M.IGPT(cfg).apply({"params": params}, tokens)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_matches_full_forward(scan):
+  cfg = TINY.replace(scan_layers=scan)
+  params = randomized_params(cfg)
+  tokens = tokens_for(cfg)
+  full = M.IGPT(cfg).apply({"params": params}, tokens)
+  ids = np.concatenate([np.full((2, 1), cfg.sos_id), tokens[:, :-1]], axis=1)
+
+  step = jax.jit(lambda cache, ids, i: M.IGPT(cfg).apply(
+      {"params": params, "cache": cache}, ids, i, method=M.IGPT.decode, mutable=["cache"]))
+  prefix = 5  # a prefill chunk, then one token at a time
+  logits, state = step(M.init_cache(cfg, 2), ids[:, :prefix], 0)
+  outs = [logits]
+  for i in range(prefix, cfg.n_ctx):
+    logits, state = step(state["cache"], ids[:, i:i + 1], i)
+    outs.append(logits)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_options_do_not_change_the_function():
+  params = randomized_params(TINY)
+  tokens = tokens_for(TINY)
+  ref = M.IGPT(TINY).apply({"params": params}, tokens)
+  for remat in ("full", "dots"):
+    out = M.IGPT(TINY.replace(remat=remat)).apply({"params": params}, tokens)
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+  scanned = TINY.replace(scan_layers=True)
+  stacked = {k: v for k, v in params.items() if not k.startswith("h_")}
+  stacked["h"] = jax.tree.map(lambda *x: jnp.stack(x), params["h_0"], params["h_1"])
+  np.testing.assert_allclose(M.IGPT(scanned).apply({"params": stacked}, tokens), ref, atol=1e-5)
+  bf16 = M.IGPT(TINY.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, ref, atol=0.1)
+
+
+def test_feature_taps():
+  cfg = TINY
+  params = randomized_params(cfg)
+  tokens = tokens_for(cfg)
+  model = M.IGPT(cfg)
+  feats = model.apply({"params": params}, tokens, method=M.IGPT.features)
+  assert sorted(feats) == [0, 1, 2] and all(f.shape == (2, 32) for f in feats.values())
+  # Layer 0's ln_1 reading is the normed, gain-scaled input embedding, mean over positions.
+  x = model.apply({"params": params}, tokens, None, method=lambda m, t, b: m._embed(t, b))
+  ms = jnp.mean(x * x, axis=-1, keepdims=True)
+  expected = jnp.mean(x / jnp.sqrt(ms + cfg.norm_eps) * params["h_0"]["ln_1"]["g"], axis=1)
+  np.testing.assert_allclose(feats[0], expected, atol=1e-5)
+  resid = model.apply({"params": params}, tokens, [0], "residual", method=M.IGPT.features)
+  np.testing.assert_allclose(resid[0], jnp.mean(x, axis=1), atol=1e-6)
+  with pytest.raises(ValueError, match="out of range"):
+    model.apply({"params": params}, tokens, [3], method=M.IGPT.features)
+
+
+def test_classifier_head():
+  cfg = TINY.replace(n_classes=10)
+  params = M.init_params(cfg, jax.random.key(0))
+  assert params["clf"].shape == (32, 10) and not np.any(params["clf"])
+  logits, class_logits = M.IGPT(cfg).apply({"params": params}, tokens_for(cfg),
+                                           method=M.IGPT.classify)
+  assert logits.shape == (2, 16, 512) and class_logits.shape == (2, 10)
+
+
+def test_parameters_carry_logical_axes():
+  boxed = M.abstract_params(TINY.replace(scan_layers=True))
+  names = jax.tree.map(lambda b: b.names, boxed,
+                       is_leaf=lambda x: hasattr(x, "names"))
+  assert names["wte"] == ("vocab", "embed")
+  assert names["h"]["attn"]["c_attn"] == ("layers", "embed", None, "heads", "kv")
+  assert names["h"]["c_fc"] == ("layers", "embed", "mlp")
+
+
+def test_bad_input_is_refused_clearly():
+  params = M.init_params(TINY, jax.random.key(0))
+  model = M.IGPT(TINY)
+  with pytest.raises(ValueError, match="length 15"):
+    model.apply({"params": params}, jnp.zeros((1, 15), jnp.int32))
+  with pytest.raises(ValueError, match=r"\[0, 512\)"):
+    model.apply({"params": params}, jnp.full((1, 16), 512, jnp.int32))
+  with pytest.raises(ValueError, match="integers"):
+    model.apply({"params": params}, jnp.zeros((1, 16), jnp.float32))
+  with pytest.raises(ValueError, match="unknown preset"):
+    M.preset("igpt_xxl")
+  with pytest.raises(ValueError, match="unknown IGPTConfig fields"):
+    M.preset("igpt_s", n_layers=3)
+  with pytest.raises(ValueError, match="divisible"):
+    M.IGPTConfig(n_embd=30, n_head=4)
+  with pytest.raises(ValueError, match="objective"):
+    M.IGPTConfig(objective="mlm")
