@@ -1,0 +1,274 @@
+"""Hugging Face ImageGPT weights <-> igpt_jax parameters, without torch.
+
+Hugging Face's `ImageGPTForCausalImageModeling` (and the released `openai/imagegpt-small|medium|
+large`) computes the same function as `igpt_jax.model.IGPT`; only the storage differs:
+  - `wte` has vocab_size + 1 rows; row 512 is the start-of-sequence vector (our `sos`), and HF
+    feeds it as input id 512 where our model prepends it itself.
+  - Attention and MLP weights are GPT-2 `Conv1D`s, [in, out] with fused q|k|v columns: the same
+    layout as ours once reshaped ([D, 3D] -> [D, 3, H, hd], [D, D] -> [H, hd, D]).
+  - `lm_head` [512, D] (no bias) is our untied `wtet`.
+  - Every Conv1D carries a bias that the released weights keep at zero; iGPT has none, so zero
+    biases are dropped and a non-zero one is refused rather than silently lost.
+  - `ImageGPTLayerNorm` is the release's RMS-style norm (no mean, no bias): `weight` is our `g`.
+
+Entry points:
+  from_hf(state_dict, hf_config, **cfg_overrides) -> (IGPTConfig, params)
+  to_hf(cfg, params) -> (state_dict, hf_config)
+  read_hf_dir(path) -> (state_dict, hf_config, palette or None)   (a hub checkpoint directory)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from igpt_jax import palette as palette_lib
+from igpt_jax.model import IGPTConfig
+
+# Causal-mask buffers that older HF versions saved with the weights (`h.{i}.attn.bias` is the
+# mask, `h.{i}.attn.c_attn.bias` a real bias).
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# Fixed by the checkpoint's tensors, so not overridable in from_hf.
+_ARCH_FIELDS = ("n_px", "n_layer", "n_embd", "n_head", "vocab_size", "norm_eps")
+
+
+def config_from_hf(hf_config: Mapping, **overrides) -> IGPTConfig:
+  """IGPTConfig of a HF ImageGPT config dict, or a ValueError for what iGPT cannot express."""
+  missing = [k for k in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
+             if k not in hf_config]
+  if missing:
+    raise ValueError(f"HF config lacks {missing}; is this an ImageGPT config.json?")
+  if hf_config.get("model_type", "imagegpt") != "imagegpt":
+    raise ValueError(f"HF config has model_type={hf_config['model_type']!r}, expected 'imagegpt'")
+  d = hf_config["n_embd"]
+  # Options of the HF class that change the function; the released models use the defaults.
+  expected = {"activation_function": "quick_gelu", "scale_attn_weights": True,
+              "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
+  for key, want in expected.items():
+    if hf_config.get(key, want) != want:
+      raise ValueError(f"HF config has {key}={hf_config[key]!r}; iGPT needs {want!r}")
+  if hf_config.get("n_inner") not in (None, 4 * d):
+    raise ValueError(f"HF config has n_inner={hf_config['n_inner']}; iGPT's MLP is 4 * n_embd "
+                     f"= {4 * d}")
+  n_ctx = hf_config["n_positions"]
+  n_px = math.isqrt(n_ctx)
+  if n_px * n_px != n_ctx:
+    raise ValueError(f"HF config has n_positions={n_ctx}, not a square image (n_px**2)")
+  fixed = sorted(set(overrides) & set(_ARCH_FIELDS))
+  if fixed:
+    raise ValueError(f"{fixed} are fixed by the checkpoint and cannot be overridden")
+  return IGPTConfig(n_px=n_px, n_layer=hf_config["n_layer"], n_embd=d,
+                    n_head=hf_config["n_head"], vocab_size=hf_config["vocab_size"] - 1,
+                    norm_eps=float(hf_config.get("layer_norm_epsilon", 1e-5))).replace(**overrides)
+
+
+def config_to_hf(cfg: IGPTConfig) -> dict:
+  """HF ImageGPTConfig fields (config.json) describing the same model."""
+  return {"model_type": "imagegpt", "architectures": ["ImageGPTForCausalImageModeling"],
+          "vocab_size": cfg.vocab_size + 1, "n_positions": cfg.n_ctx, "n_embd": cfg.n_embd,
+          "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+          "activation_function": "quick_gelu", "layer_norm_epsilon": cfg.norm_eps,
+          "tie_word_embeddings": False,
+          # iGPT trains without dropout.
+          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def _layout(cfg: IGPTConfig):
+  """(HF name, HF shape, our path, our shape) of every weight but wte/sos (unscanned tree)."""
+  d, h, hd, v, t = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.n_ctx
+  rows = [("wpe.weight", (t, d), ("wpe",), (t, d)),
+          ("ln_f.weight", (d,), ("ln_f", "g"), (d,)),
+          ("lm_head.weight", (v, d), ("wtet",), (v, d))]
+  for i in range(cfg.n_layer):
+    hf, ours = f"h.{i}.", f"h_{i}"
+    rows += [(hf + "ln_1.weight", (d,), (ours, "ln_1", "g"), (d,)),
+             (hf + "attn.c_attn.weight", (d, 3 * d), (ours, "attn", "c_attn"), (d, 3, h, hd)),
+             (hf + "attn.c_proj.weight", (d, d), (ours, "attn", "c_proj"), (h, hd, d)),
+             (hf + "ln_2.weight", (d,), (ours, "ln_2", "g"), (d,)),
+             (hf + "mlp.c_fc.weight", (d, 4 * d), (ours, "c_fc"), (d, 4 * d)),
+             (hf + "mlp.c_proj.weight", (4 * d, d), (ours, "c_proj"), (4 * d, d))]
+  return rows
+
+
+def _biases(cfg: IGPTConfig):
+  """HF bias tensors (name, shape) that iGPT does not have: they must be zero."""
+  d = cfg.n_embd
+  return [(f"h.{i}.{name}.bias", (n,)) for i in range(cfg.n_layer)
+          for name, n in (("attn.c_attn", 3 * d), ("attn.c_proj", d), ("mlp.c_fc", 4 * d),
+                          ("mlp.c_proj", d))]
+
+
+def _hf_names(state_dict: Mapping) -> dict:
+  """Drops the `transformer.` prefix (ImageGPTModel naming has none) and the mask buffers."""
+  out = {}
+  for name, value in state_dict.items():
+    short = name.removeprefix("transformer.")
+    if not _BUFFER.fullmatch(short):
+      out[short] = value
+  return out
+
+
+def _get(tree: Mapping, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _put(tree: dict, path, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def stack_blocks(params: Mapping, n_layer: int) -> dict:
+  """Unscanned params (`h_0` .. `h_{L-1}`) -> scanned (`h` with a leading [L] axis)."""
+  blocks = [params[f"h_{i}"] for i in range(n_layer)]
+  out = {k: v for k, v in params.items() if not re.fullmatch(r"h_\d+", k)}
+  out["h"] = _tree_map(lambda *xs: np.stack(xs), *blocks)
+  return out
+
+
+def unstack_blocks(params: Mapping, n_layer: int) -> dict:
+  """Scanned params (`h` with a leading [L] axis) -> unscanned (`h_0` .. `h_{L-1}`)."""
+  out = {k: v for k, v in params.items() if k != "h"}
+  for i in range(n_layer):
+    out[f"h_{i}"] = _tree_map(lambda x: np.asarray(x)[i], params["h"])
+  return out
+
+
+def _tree_map(fn, *trees):
+  if isinstance(trees[0], Mapping):
+    return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+  return fn(*trees)
+
+
+def from_hf(state_dict: Mapping, hf_config: Mapping, **cfg_overrides):
+  """HF ImageGPT weights (numpy arrays by HF name) -> (IGPTConfig, params of numpy arrays).
+
+  Accepts `ImageGPTForCausalImageModeling` names (`transformer.h.0...`, `lm_head.weight`) and
+  `ImageGPTModel` names (no prefix, no head). Without `lm_head.weight` the output table is zero,
+  as in a fresh model: features are exact, next-token predictions uniform.
+  cfg_overrides: non-architecture IGPTConfig fields (e.g. scan_layers=True, dtype="bfloat16",
+  param_dtype, n_classes for a zero classifier head).
+  """
+  cfg = config_from_hf(hf_config, **cfg_overrides)
+  sd = _hf_names(state_dict)
+  rows = _layout(cfg)
+  biases = _biases(cfg)
+  if "lm_head.weight" not in sd:
+    logging.warning("no lm_head.weight in the checkpoint: the output table wtet is zero")
+    sd["lm_head.weight"] = np.zeros((cfg.vocab_size, cfg.n_embd), np.float32)
+  required = {"wte.weight"} | {r[0] for r in rows}
+  unknown = sorted(set(sd) - required - {b[0] for b in biases})
+  if unknown:
+    raise ValueError(f"unexpected tensors for a {cfg.n_layer}-layer ImageGPT: {unknown[:8]}"
+                     f"{' ...' if len(unknown) > 8 else ''}")
+  missing = sorted(required - set(sd))
+  if missing:
+    raise ValueError(f"checkpoint lacks tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+  def fetch(name, shape):
+    x = np.asarray(sd[name])
+    if x.shape != shape:
+      raise ValueError(f"{name} has shape {x.shape}, expected {shape} for this config")
+    return x
+
+  for name, shape in biases:
+    if name in sd and np.any(fetch(name, shape) != 0):
+      raise ValueError(f"{name} is non-zero (max |b| = {np.abs(sd[name]).max():.3g}); iGPT has no "
+                       "biases, so this checkpoint cannot be converted exactly")
+  dtype = jnp.dtype(cfg.param_dtype)
+  params = {}
+  # HF keeps the start vector as the extra last row of the token table.
+  wte = fetch("wte.weight", (cfg.vocab_size + 1, cfg.n_embd))
+  params["wte"], params["sos"] = wte[:-1].astype(dtype), wte[-1].astype(dtype)
+  for name, shape, path, ours in rows:
+    _put(params, path, fetch(name, shape).reshape(ours).astype(dtype))
+  if cfg.n_classes:
+    params["clf"] = np.zeros((cfg.n_embd, cfg.n_classes), dtype)
+  if cfg.scan_layers:
+    params = stack_blocks(params, cfg.n_layer)
+  return cfg, params
+
+
+def to_hf(cfg: IGPTConfig, params: Mapping):
+  """(cfg, params) -> (float32 state_dict in ImageGPTForCausalImageModeling names, config dict).
+
+  The state dict includes the zero biases HF expects, so `load_state_dict(strict=True)` works.
+  """
+  if cfg.n_classes:
+    raise ValueError("ImageGPTForCausalImageModeling has no classifier head: drop `clf` and "
+                     "convert with n_classes=0")
+  params = unstack_blocks(params, cfg.n_layer) if cfg.scan_layers else params
+  f32 = lambda x: np.asarray(x, np.float32)
+  sd = {"transformer.wte.weight": np.concatenate([f32(params["wte"]), f32(params["sos"])[None]])}
+  for name, shape, path, _ in _layout(cfg):
+    prefix = "" if name == "lm_head.weight" else "transformer."
+    sd[prefix + name] = f32(_get(params, path)).reshape(shape)
+  for name, shape in _biases(cfg):
+    sd["transformer." + name] = np.zeros(shape, np.float32)
+  return sd, config_to_hf(cfg)
+
+
+def _load_weights(path: str) -> dict:
+  if path.endswith(".safetensors"):
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as e:
+      raise ImportError(f"reading {path} needs `safetensors` (pip install safetensors)") from e
+    return load_file(path)
+  try:
+    import torch  # Only the legacy pickle format needs it.
+  except ImportError as e:
+    raise ImportError(f"reading {path} needs torch; or convert the checkpoint to "
+                      "model.safetensors") from e
+  sd = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()}
+
+
+def read_hf_dir(hf_dir: str):
+  """A hub checkpoint directory -> (state_dict of numpy arrays, config dict, palette or None).
+
+  Reads `config.json`, the weights (`model.safetensors` or `pytorch_model.bin`, either possibly
+  sharded with an `.index.json`) and the palette: `clusters` of `preprocessor_config.json`,
+  a (512, 3) array in [-1, 1] (None when that file is absent).
+  """
+  config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(config_path):
+    raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+
+  files = None
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.exists(os.path.join(hf_dir, name)):
+      files = [name]
+    elif os.path.exists(os.path.join(hf_dir, name + ".index.json")):
+      with open(os.path.join(hf_dir, name + ".index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    if files:
+      break
+  if not files:
+    raise ValueError(f"{hf_dir} has no model.safetensors or pytorch_model.bin (or their "
+                     ".index.json)")
+  state_dict = {}
+  for name in files:
+    state_dict.update(_load_weights(os.path.join(hf_dir, name)))
+
+  palette = None
+  preprocessor_path = os.path.join(hf_dir, "preprocessor_config.json")
+  if os.path.exists(preprocessor_path):
+    with open(preprocessor_path) as f:
+      clusters = json.load(f).get("clusters")
+    if clusters is None:
+      raise ValueError(f"{preprocessor_path} has no `clusters` (the palette)")
+    palette = palette_lib.check_palette(np.asarray(clusters, np.float32),
+                                        k=hf_config.get("vocab_size", 513) - 1)
+  return state_dict, hf_config, palette
