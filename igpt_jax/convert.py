@@ -26,6 +26,7 @@ import os
 import re
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -131,7 +132,7 @@ def stack_blocks(params: Mapping, n_layer: int) -> dict:
   """Unscanned params (`h_0` .. `h_{L-1}`) -> scanned (`h` with a leading [L] axis)."""
   blocks = [params[f"h_{i}"] for i in range(n_layer)]
   out = {k: v for k, v in params.items() if not re.fullmatch(r"h_\d+", k)}
-  out["h"] = _tree_map(lambda *xs: np.stack(xs), *blocks)
+  out["h"] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
   return out
 
 
@@ -139,14 +140,8 @@ def unstack_blocks(params: Mapping, n_layer: int) -> dict:
   """Scanned params (`h` with a leading [L] axis) -> unscanned (`h_0` .. `h_{L-1}`)."""
   out = {k: v for k, v in params.items() if k != "h"}
   for i in range(n_layer):
-    out[f"h_{i}"] = _tree_map(lambda x: np.asarray(x)[i], params["h"])
+    out[f"h_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], params["h"])
   return out
-
-
-def _tree_map(fn, *trees):
-  if isinstance(trees[0], Mapping):
-    return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
-  return fn(*trees)
 
 
 def from_hf(state_dict: Mapping, hf_config: Mapping, **cfg_overrides):
