@@ -1,0 +1,123 @@
+"""Device mesh, logical-to-mesh axis rules and sharded placement of parameters and batches.
+
+The mesh has three axes:
+  data   - pure data parallelism (parameters replicated),
+  fsdp   - data parallelism whose parameters and optimizer state are split along `embed`,
+  tensor - Megatron-style split of heads / MLP hidden units / vocabulary.
+The batch is split over data x fsdp. The model only names logical axes (see model.py); RULES
+maps them onto the mesh, so one config line (`mesh = (data, fsdp, tensor)`) picks the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from igpt_jax import model as model_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Unlisted logical axes would raise in flax, so every name the
+# model uses appears here; None means replicated along that dimension.
+RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("classes", None),
+)
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins the multi-process job when the environment describes one.
+
+  Cloud TPU pods and SLURM/GPU clusters are detected by jax itself; a plain multi-host launch
+  sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  env = os.environ
+  if ("JAX_COORDINATOR_ADDRESS" in env or "SLURM_NTASKS" in env or "TPU_WORKER_HOSTNAMES" in env
+      or "MEGASCALE_COORDINATOR_ADDRESS" in env):
+    jax.distributed.initialize()
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry of (data, fsdp, tensor) so the product is n_devices."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh must have {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh sizes must be positive with at most one -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if n_devices % known:
+      raise ValueError(f"mesh {shape}: {n_devices} devices do not divide by {known}")
+    shape = tuple(n_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != n_devices:
+    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices, {n_devices} present")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+  """Mesh over all (or the given) devices with axes (data, fsdp, tensor).
+
+  Axis types are Auto: linen's logical constraints (`nn.with_logical_constraint`) are rejected
+  on Explicit axes, which `jax.make_mesh` now defaults to.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh):
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. abstract_params)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def param_shardings(cfg: model_lib.IGPTConfig, mesh: Mesh):
+  """NamedSharding of every parameter of the model (same tree as `init_params`)."""
+  return logical_shardings(model_lib.abstract_params(cfg), mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[B, ...] arrays: the batch split over data x fsdp."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
+  """This process's rows of a global batch -> global jax.Arrays split over data x fsdp."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """ValueError unless the global batch splits evenly over processes and batch shards."""
+  shards = batch_shards(mesh)
+  if batch_size % shards or batch_size % jax.process_count():
+    raise ValueError(f"batch_size={batch_size} must divide by the {shards} batch shards "
+                     f"(data x fsdp of mesh {dict(mesh.shape)}) and {jax.process_count()} "
+                     "processes")
