@@ -15,6 +15,7 @@ Entry points:
   from_hf(state_dict, hf_config, **cfg_overrides) -> (IGPTConfig, params)
   to_hf(cfg, params) -> (state_dict, hf_config)
   read_hf_dir(path) -> (state_dict, hf_config, palette or None)   (a hub checkpoint directory)
+  write_hf_dir(path, cfg, params, palette)                        (the same files, for export)
 """
 
 from __future__ import annotations
@@ -267,3 +268,20 @@ def read_hf_dir(hf_dir: str):
     palette = palette_lib.check_palette(np.asarray(clusters, np.float32),
                                         k=hf_config.get("vocab_size", 513) - 1)
   return state_dict, hf_config, palette
+
+
+def write_hf_dir(hf_dir: str, cfg: IGPTConfig, params: Mapping, palette) -> None:
+  """Writes the files `read_hf_dir` reads (and `ImageGPTForCausalImageModeling.from_pretrained`
+  loads): config.json, model.safetensors and preprocessor_config.json with the palette."""
+  from safetensors.numpy import save_file
+  palette = palette_lib.check_palette(palette, k=cfg.vocab_size)
+  state_dict, hf_config = to_hf(cfg, params)
+  os.makedirs(hf_dir, exist_ok=True)
+  with open(os.path.join(hf_dir, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)
+  # transformers refuses safetensors files without the framework tag.
+  save_file(state_dict, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(hf_dir, "preprocessor_config.json"), "w") as f:
+    json.dump({"image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
+               "do_color_quantize": True, "do_normalize": True, "do_resize": True,
+               "size": {"height": cfg.n_px, "width": cfg.n_px}}, f)

@@ -183,6 +183,22 @@ def test_read_hf_dir(hf_model, tmp_path, weights):
   _assert_trees_equal(params, want)
 
 
+def test_write_hf_dir_loads_in_transformers(tmp_path):
+  """Export: HF's own loader reads what we write and computes our logits."""
+  transformers = pytest.importorskip("transformers")
+  cfg, params = CFG, _random_params(CFG)
+  clusters = np.random.default_rng(3).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  convert.write_hf_dir(str(tmp_path), cfg, params, clusters)
+  model = transformers.ImageGPTForCausalImageModeling.from_pretrained(str(tmp_path)).eval()
+  processor = transformers.ImageGPTImageProcessor.from_pretrained(str(tmp_path))
+  np.testing.assert_array_equal(np.asarray(processor.clusters), clusters)
+  tokens = _tokens(cfg)
+  np.testing.assert_allclose(_hf_logits(model, tokens),
+                             IGPT(cfg).apply({"params": params}, tokens), atol=1e-4, rtol=1e-4)
+  _, back = convert.from_hf(*convert.read_hf_dir(str(tmp_path))[:2])
+  _assert_trees_equal(back, params)
+
+
 def test_read_hf_dir_errors(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     convert.read_hf_dir(str(tmp_path))
