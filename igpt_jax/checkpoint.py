@@ -16,7 +16,6 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -85,7 +84,12 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
 def _single_device_target(cfg: model_lib.IGPTConfig):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                      nn.unbox(model_lib.abstract_params(cfg)))
+                      _abstract_params(cfg))
+
+
+def _abstract_params(cfg: model_lib.IGPTConfig):
+  """Unboxed ShapeDtypeStructs of the parameters (no logical constraints applied)."""
+  return jax.eval_shape(model_lib.init_params, cfg, jax.random.key(0))
 
 
 def load(workdir: str, step: int | None = None):
@@ -113,7 +117,7 @@ def save_params(workdir: str, cfg: model_lib.IGPTConfig, params, palette, step: 
                 config: dict | None = None) -> None:
   """Writes a weights-only checkpoint (no optimizer state) that `load` reads; blocks until done."""
   palette = palette_lib.check_palette(palette)
-  abstract = nn.unbox(model_lib.abstract_params(cfg))
+  abstract = _abstract_params(cfg)
   got, want = jax.tree.structure(params), jax.tree.structure(abstract)
   if got != want:
     raise ValueError(f"params do not match the model config: tree {got} vs expected {want}")

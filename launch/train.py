@@ -1,0 +1,62 @@
+r"""Pretrains iGPT: `python -m launch.train --config experiments/cifar10_tiny.py --workdir W`.
+
+Resumes from the latest checkpoint in the workdir. Override config fields on the command line,
+e.g. `--config.total_steps=100`. When the config names no palette file and the workdir has none,
+one is fitted from the training split first and saved as workdir/palette.npy.
+"""
+
+import logging as std_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from igpt_jax import data
+from igpt_jax import palette as palette_lib
+from igpt_jax import sharding
+from igpt_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
+_PALETTE_IMAGES = flags.DEFINE_integer("palette_images", 5000,
+                                       "Training images whose pixels fit the palette.")
+
+
+def ensure_palette(config, workdir: str) -> None:
+  if config.palette:
+    return  # train.load_run_palette checks that it exists
+  path = os.path.join(workdir, "palette.npy")
+  if os.path.exists(path):
+    return
+  cfg = train.model_config(config.model)
+  images, _ = data.load_images(config.data, config.data.train_split, _PALETTE_IMAGES.value,
+                               n_px=cfg.n_px)
+  logging.info("fitting a %d-colour palette on %d images of %s", cfg.vocab_size, len(images),
+               config.data.name)
+  palette_lib.save_palette(path, palette_lib.fit_palette(images, k=cfg.vocab_size,
+                                                         seed=config.seed))
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  sharding.maybe_initialize_distributed()
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  ensure_palette(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
