@@ -1,0 +1,338 @@
+"""Linear probes on frozen iGPT features, as in the paper.
+
+Extraction is a separate pass: `jax.pmap` over the local devices, one batch slice per device,
+parameters replicated once. Each layer's feature is the mean over positions of the block input
+read after ln_1 (the paper's probe) or before it ("residual"); layer n_layer is the ln_f output.
+
+  extract_features(cfg, params, tokens, layers, batch_size) -> {layer: np [N, D]}   in memory
+  write_features(batches, featurize, out_dir, split) -> {name: path}                 streaming
+  linear_probe(train_x, train_y, test_x, test_y, **opts) -> dict                      L-BFGS
+  probe_layers / low_data_probe / concat_layers                                       the tables
+  pixel_features(tokens, palette, n_px)                                               baselines
+
+The probe is multinomial logistic regression, fitted full-batch with `optax.lbfgs` (zoom line
+search) in one jitted loop on standardised features. Its penalty `l2` multiplies 0.5 * |W|^2
+next to the mean cross-entropy, so scikit-learn's C is 1 / (l2 * n_train); the bias is not
+penalised (as in scikit-learn).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable, Iterable, Mapping, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree_utils as otu
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from igpt_jax import model as model_lib
+from igpt_jax import palette as palette_lib
+
+DEFAULT_L2S = tuple(10.0 ** np.arange(-5, 0))  # 1e-5 .. 1e-1 on the mean-loss scale
+LOW_DATA_SIZES = (40, 250, 4000)
+PIXEL_KINDS = ("histogram", "rgb")
+
+
+# -- extraction -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _pmapped_features(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], reading: str,
+                      devices: tuple):
+  """pmap of tokens [n_dev, b, T] -> {layer: [n_dev, b, D]}; params broadcast, not mapped."""
+  def features(params, tokens):
+    # BERT models are probed unmasked: an all-False mask zeroes no embedding.
+    mask = jnp.zeros(tokens.shape, bool) if cfg.objective == "bert" else None
+    return model_lib.IGPT(cfg).apply({"params": params}, tokens, layers, reading, mask,
+                                     method=model_lib.IGPT.features)
+  return jax.pmap(features, in_axes=(None, 0), devices=devices)
+
+
+def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None = None,
+               reading: str = "ln1", devices=None) -> Callable:
+  """fn(tokens int [B, T]) -> {layer: np.float32 [B, D]}, B split over the local devices.
+
+  B must divide by the number of devices (pad it; see `extract_features`). The parameters are
+  copied to every device once, here, not per batch.
+  """
+  layers = tuple(range(cfg.n_layer + 1) if layers is None else layers)
+  model_lib.check_layers(cfg, layers)
+  if reading not in model_lib.READINGS:
+    raise ValueError(f"reading={reading!r}; expected one of {model_lib.READINGS}")
+  devices = tuple(jax.local_devices() if devices is None else devices)
+  fn = _pmapped_features(cfg, layers, reading, devices)
+  params = jax.device_put(params, NamedSharding(Mesh(np.array(devices), ("d",)), P()))
+
+  def featurize(tokens):
+    tokens = np.asarray(tokens)
+    model_lib.check_tokens(tokens, cfg)
+    if len(tokens) % len(devices):
+      raise ValueError(f"batch of {len(tokens)} does not split over {len(devices)} devices")
+    out = fn(params, tokens.reshape(len(devices), -1, tokens.shape[1]))
+    return {l: np.asarray(f).reshape(len(tokens), -1) for l, f in out.items()}
+
+  return featurize
+
+
+def _padded(tokens: np.ndarray, size: int) -> np.ndarray:
+  """Zero-pads [b, T] to [size, T] (token 0 is a valid id; the rows are dropped afterwards)."""
+  return np.concatenate([tokens, np.zeros((size - len(tokens), tokens.shape[1]), tokens.dtype)])
+
+
+def extract_features(cfg: model_lib.IGPTConfig, params, tokens, layers=None,
+                     batch_size: int = 256, reading: str = "ln1",
+                     devices=None) -> dict[int, np.ndarray]:
+  """Mean-pooled features of every row of tokens [N, T]: {layer: np.float32 [N, D]}.
+
+  batch_size is the global batch, rounded up to a multiple of the device count; the last
+  batch is padded, so every call compiles once.
+  """
+  tokens = np.asarray(tokens)
+  model_lib.check_tokens(tokens, cfg)
+  featurize = featurizer(cfg, params, layers, reading, devices)
+  n_dev = len(jax.local_devices() if devices is None else devices)
+  batch_size = -(-batch_size // n_dev) * n_dev
+  chunks = []
+  for start in range(0, len(tokens), batch_size):
+    chunk = tokens[start:start + batch_size]
+    feats = featurize(_padded(chunk, batch_size))
+    chunks.append({l: f[:len(chunk)] for l, f in feats.items()})
+  return {l: np.concatenate([c[l] for c in chunks]) for l in chunks[0]}
+
+
+def pixel_features(tokens, palette, n_px: int, kind: str = "histogram") -> np.ndarray:
+  """Raw-pixel baseline features of tokens [N, T]: float32 [N, F].
+
+  "histogram": fraction of the image's pixels in each palette colour (F = k);
+  "rgb": the dequantized image flattened, in [-1, 1] (F = 3 T).
+  """
+  tokens = np.asarray(tokens)
+  palette = palette_lib.check_palette(palette)
+  if kind == "histogram":
+    k = len(palette)
+    counts = np.zeros((len(tokens), k), np.float32)
+    np.add.at(counts, (np.arange(len(tokens))[:, None], tokens), 1.0)
+    return counts / tokens.shape[1]
+  if kind == "rgb":
+    rgb = np.asarray(palette_lib.dequantize(tokens, palette, n_px), np.float32)
+    return (rgb / 127.5 - 1.0).reshape(len(tokens), -1)
+  raise ValueError(f"kind={kind!r}; expected one of {PIXEL_KINDS}")
+
+
+def feature_path(out_dir: str, split: str, name) -> str:
+  """Where `write_features` puts feature `name` (a layer index, or a string) of a split."""
+  return os.path.join(out_dir, f"{split}_layer{name:02d}.npy" if isinstance(name, int)
+                      else f"{split}_{name}.npy")
+
+
+def write_features(batches: Iterable[Mapping[str, np.ndarray]],
+                   featurize: Callable[[np.ndarray], Mapping], out_dir: str,
+                   split: str) -> dict[str, str]:
+  """Streams eval batches through `featurize` into `out_dir/{split}_{name}.npy` files.
+
+  batches: dicts with "tokens" [B, T], "labels" [B] and optionally "valid" [B] (the padded
+  last batch of `data.make_dataset(..., train=False)`). featurize(tokens) -> {name: [B, F]}.
+  Rows go to disk batch by batch (appended raw, then given a .npy header), so memory holds one
+  batch of activations whatever the split size. Integer names (layers) become
+  `{split}_layer{l:02d}.npy`; labels are written as `{split}_labels.npy`.
+  Returns {name: path} including "labels".
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  raw, widths, n = {}, {}, 0
+  try:
+    for batch in batches:
+      valid = np.asarray(batch.get("valid", np.ones(len(batch["tokens"]), bool)), bool)
+      feats = dict(featurize(batch["tokens"]))
+      feats["labels"] = np.asarray(batch["labels"], np.int32)
+      for name, value in feats.items():
+        value = np.asarray(value)[valid]
+        if name not in raw:
+          raw[name] = open(feature_path(out_dir, split, name) + ".raw", "wb")
+          widths[name] = (value.shape[1:], value.dtype)
+        value.tofile(raw[name])
+      n += int(valid.sum())
+  finally:
+    for f in raw.values():
+      f.close()
+  if not n:
+    raise ValueError(f"split {split!r} gave no (valid) examples")
+  paths = {}
+  for name, (shape, dtype) in widths.items():
+    paths[name] = feature_path(out_dir, split, name)
+    src = paths[name] + ".raw"
+    out = np.lib.format.open_memmap(paths[name], mode="w+", dtype=dtype, shape=(n, *shape))
+    out[:] = np.memmap(src, dtype=dtype, mode="r", shape=(n, *shape))
+    out.flush()
+    del out
+    os.remove(src)
+  return paths
+
+
+# -- the probe --------------------------------------------------------------------------------
+
+def _standardise(train_x, *others):
+  mean = train_x.mean(axis=0)
+  std = train_x.std(axis=0) + 1e-6
+  return [(x - mean) / std for x in (train_x, *others)]
+
+
+@functools.partial(jax.jit, static_argnames=("n_classes", "max_iter"))
+def _fit(x, y, l2, *, n_classes: int, max_iter: int, tol: float):
+  """Full-batch L-BFGS on mean CE + l2/2 |W|^2; x [N, F] f32, y [N] -> ((W [F, C], b [C]), it)."""
+  def loss(p):
+    logits = x @ p["w"] + p["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+
+  opt = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+  params = {"w": jnp.zeros((x.shape[1], n_classes)), "b": jnp.zeros((n_classes,))}
+
+  def step(carry):
+    p, state = carry
+    value, grad = value_and_grad(p, state=state)
+    updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(p, updates), state
+
+  def running(carry):
+    _, state = carry
+    count = otu.tree_get(state, "count")
+    grad_norm = otu.tree_norm(otu.tree_get(state, "grad"))
+    return (count == 0) | ((count < max_iter) & (grad_norm >= tol))
+
+  params, state = jax.lax.while_loop(running, step, (params, opt.init(params)))
+  return params, otu.tree_get(state, "count")
+
+
+def _accuracy(params, x, y) -> float:
+  return float(np.mean(np.argmax(x @ np.asarray(params["w"]) + np.asarray(params["b"]), -1) == y))
+
+
+def fit_logistic(x, y, l2: float, n_classes: int, *, max_iter: int = 1000, tol: float = 1e-5):
+  """Fits on already standardised x [N, F]; -> (params {"w", "b"} as np arrays, iterations)."""
+  params, count = _fit(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.float32(l2),
+                       n_classes=n_classes, max_iter=max_iter, tol=tol)
+  return jax.tree.map(np.asarray, params), int(count)
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEFAULT_L2S,
+                 val_fraction: float = 0.1, n_classes: int | None = None, max_iter: int = 1000,
+                 tol: float = 1e-5, seed: int = 0) -> dict:
+  """Logistic-regression probe: L2 chosen on a held-out `val_fraction` of train, then refit.
+
+  train_x [N, F], train_y [N] int, test_x [M, F], test_y [M]. Features are standardised with
+  the statistics of the rows each fit trains on. Returns {"accuracy" (test top-1, 0..1), "l2",
+  "val_accuracy" {l2: acc}, "train_accuracy", "iterations"}.
+  """
+  train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+  train_y, test_y = np.asarray(train_y, np.int32), np.asarray(test_y, np.int32)
+  if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+    raise ValueError(f"features must be [N, F] with equal F, got {train_x.shape} and "
+                     f"{test_x.shape}")
+  chex.assert_shape(train_y, train_x.shape[:1])
+  chex.assert_shape(test_y, test_x.shape[:1])
+  n_classes = n_classes or int(max(train_y.max(), test_y.max())) + 1
+  if min(train_y.min(), test_y.min()) < 0 or max(train_y.max(), test_y.max()) >= n_classes:
+    raise ValueError(f"labels must lie in [0, {n_classes})")
+  l2s = tuple(float(l) for l in l2s)
+
+  val_acc = {}
+  if len(l2s) > 1:
+    order = np.random.default_rng(seed).permutation(len(train_x))
+    n_val = max(1, int(round(val_fraction * len(train_x))))
+    val, fit = order[:n_val], order[n_val:]
+    fx, vx = _standardise(train_x[fit], train_x[val])
+    for l2 in l2s:
+      params, _ = fit_logistic(fx, train_y[fit], l2, n_classes, max_iter=max_iter, tol=tol)
+      val_acc[l2] = _accuracy(params, vx, train_y[val])
+  best = max(l2s, key=lambda l: (val_acc.get(l, 0.0), l))  # ties: the stronger penalty
+
+  tx, sx = _standardise(train_x, test_x)
+  params, iterations = fit_logistic(tx, train_y, best, n_classes, max_iter=max_iter, tol=tol)
+  return {"accuracy": _accuracy(params, sx, test_y), "l2": best, "val_accuracy": val_acc,
+          "train_accuracy": _accuracy(params, tx, train_y), "iterations": iterations}
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+def probe_layers(load: Callable[[int], tuple], layers: Iterable[int], **probe_opts) -> dict:
+  """Probes every layer. load(layer) -> (train_x, train_y, test_x, test_y), one layer in memory
+  at a time. -> {"layers": {layer: probe result}, "best_layer", "best_accuracy"}."""
+  results = {int(l): linear_probe(*load(l), **probe_opts) for l in layers}
+  best = max(results, key=lambda l: results[l]["accuracy"])
+  return {"layers": results, "best_layer": best, "best_accuracy": results[best]["accuracy"]}
+
+
+def concat_layers(load: Callable[[int], tuple], center: int, k: int, n_layers: int,
+                  **probe_opts) -> dict:
+  """Probe on the concatenation of k layers around `center` (clipped to 0..n_layers)."""
+  lo = max(0, min(center - k // 2, n_layers + 1 - k))
+  chosen = list(range(lo, min(lo + k, n_layers + 1)))
+  parts = [load(l) for l in chosen]
+  train_x = np.concatenate([p[0] for p in parts], axis=1)
+  test_x = np.concatenate([p[2] for p in parts], axis=1)
+  return {"layers": chosen, **linear_probe(train_x, parts[0][1], test_x, parts[0][3],
+                                           **probe_opts)}
+
+
+def label_subset(labels, size: int, seed: int, balanced: bool = True) -> np.ndarray:
+  """Indices of `size` labelled examples: per-class balanced (size // classes each) or random."""
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  if not balanced:
+    return np.sort(rng.choice(len(labels), size, replace=False))
+  classes = np.unique(labels)
+  per_class = size // len(classes)
+  if per_class == 0:
+    raise ValueError(f"{size} labels cannot cover {len(classes)} classes")
+  picks = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
+  return np.sort(np.concatenate(picks))
+
+
+def low_data_probe(train_x, train_y, test_x, test_y, *, sizes: Sequence[int] = LOW_DATA_SIZES,
+                   seeds: int = 5, balanced: bool = True, **probe_opts) -> dict:
+  """The paper's low-data probes: {size: {"mean", "std", "accuracies"}} over `seeds` subsets."""
+  n_classes = int(max(np.max(train_y), np.max(test_y))) + 1
+  out = {}
+  for size in sizes:
+    if size > len(train_x):
+      raise ValueError(f"low-data size {size} exceeds the {len(train_x)} training examples")
+    accs = []
+    for seed in range(seeds):
+      idx = label_subset(train_y, size, seed, balanced)
+      accs.append(linear_probe(train_x[idx], train_y[idx], test_x, test_y, n_classes=n_classes,
+                               seed=seed, **probe_opts)["accuracy"])
+    out[int(size)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                      "accuracies": accs}
+  return out
+
+
+def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
+                  baselines: Mapping[str, float] | None = None) -> None:
+  """PNG of probe accuracy vs layer, one line per curve, baselines as horizontal lines."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, acc in curves.items():
+    layers = sorted(acc)
+    ax.plot(layers, [100 * acc[l] for l in layers], marker="o", label=name)
+  for i, (name, acc) in enumerate((baselines or {}).items()):
+    ax.axhline(100 * acc, linestyle="--", color=f"C{i + len(curves)}", label=name)
+  ax.set_xlabel("layer (last = ln_f output)")
+  ax.set_ylabel("linear probe accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=float)

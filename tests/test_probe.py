@@ -1,0 +1,119 @@
+"""Probe: pmapped extraction, the L-BFGS logistic regression against scikit-learn, the tables."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from igpt_jax import model as model_lib
+from igpt_jax import probe
+
+CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model_lib.init_params(CFG, jax.random.key(0))
+
+
+def _tokens(n, seed=0):
+  return np.random.default_rng(seed).integers(0, CFG.vocab_size, (n, CFG.n_ctx), np.int32)
+
+
+def test_extraction_on_8_devices_equals_1_device(params):
+  assert len(jax.local_devices()) == 8  # conftest fakes 8 CPU devices
+  tokens = _tokens(21)  # not a multiple of the batch: the last batch is padded
+  many = probe.extract_features(CFG, params, tokens, batch_size=16)
+  one = probe.extract_features(CFG, params, tokens, batch_size=16,
+                               devices=jax.local_devices()[:1])
+  assert sorted(many) == list(range(CFG.n_layer + 1))
+  for layer in many:
+    assert many[layer].shape == (21, CFG.n_embd)
+    np.testing.assert_allclose(many[layer], one[layer], rtol=1e-5, atol=1e-6)
+  direct = model_lib.IGPT(CFG).apply({"params": params}, tokens[:5], [1], "residual",
+                                     method=model_lib.IGPT.features)[1]
+  np.testing.assert_allclose(
+      probe.extract_features(CFG, params, tokens[:5], [1], 8, reading="residual")[1],
+      direct, rtol=1e-5, atol=1e-6)
+
+
+def test_extraction_rejects_bad_layers(params):
+  with pytest.raises(ValueError, match="out of range"):
+    probe.extract_features(CFG, params, _tokens(4), layers=[CFG.n_layer + 1])
+
+
+def test_write_features_streams_valid_rows(params, tmp_path):
+  tokens, labels = _tokens(12), np.arange(12, dtype=np.int32) % 3
+  valid = np.arange(16) < 12
+  batches = [{"tokens": np.concatenate([tokens, tokens[:4]])[i:i + 8],
+              "labels": np.concatenate([labels, labels[:4]])[i:i + 8],
+              "valid": valid[i:i + 8]} for i in (0, 8)]
+  featurize = probe.featurizer(CFG, params, [0, 2])
+  paths = probe.write_features(batches, featurize, str(tmp_path), "test")
+  assert set(paths) == {0, 2, "labels"}
+  assert paths[2] == str(tmp_path / "test_layer02.npy")
+  np.testing.assert_array_equal(np.load(paths["labels"]), labels)
+  want = probe.extract_features(CFG, params, tokens, [0, 2], batch_size=8)
+  for layer in (0, 2):
+    np.testing.assert_allclose(np.load(paths[layer]), want[layer], rtol=1e-5, atol=1e-6)
+
+
+def _blobs(n, seed, n_classes=3, dim=6):
+  rng = np.random.default_rng(seed)
+  centres = np.random.default_rng(99).normal(0, 1.0, (n_classes, dim))
+  y = rng.integers(0, n_classes, n)
+  return (centres[y] + rng.normal(0, 1.2, (n, dim))).astype(np.float32), y.astype(np.int32)
+
+
+def test_linear_probe_agrees_with_sklearn():
+  train_x, train_y = _blobs(600, 0)
+  test_x, test_y = _blobs(400, 1)
+  l2 = 1e-2
+  ours = probe.linear_probe(train_x, train_y, test_x, test_y, l2s=[l2])
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  sk = LogisticRegression(C=1.0 / (l2 * len(train_x)), max_iter=1000, tol=1e-8)
+  sk.fit((train_x - mean) / std, train_y)
+  sk_acc = sk.score((test_x - mean) / std, test_y)
+  assert 0.5 < ours["accuracy"] < 1.0  # a non-trivial problem
+  assert abs(ours["accuracy"] - sk_acc) <= 0.005
+  assert ours["l2"] == l2 and ours["iterations"] > 1
+
+
+def test_linear_probe_sweep_picks_from_validation():
+  train_x, train_y = _blobs(300, 2)
+  test_x, test_y = _blobs(200, 3)
+  out = probe.linear_probe(train_x, train_y, test_x, test_y, l2s=[1e-3, 1e-1, 30.0])
+  assert set(out["val_accuracy"]) == {1e-3, 1e-1, 30.0}
+  assert out["val_accuracy"][out["l2"]] == max(out["val_accuracy"].values())
+  with pytest.raises(ValueError, match=r"\[N, F\]"):
+    probe.linear_probe(train_x, train_y, test_x[:, :2], test_y)
+
+
+def test_tables_and_low_data(tmp_path):
+  data = {l: (*_blobs(200, 10 + l), *_blobs(100, 20 + l)) for l in range(3)}
+  table = probe.probe_layers(data.__getitem__, range(3), l2s=[1e-2])
+  assert table["best_accuracy"] == max(r["accuracy"] for r in table["layers"].values())
+  concat = probe.concat_layers(data.__getitem__, center=2, k=2, n_layers=2, l2s=[1e-2])
+  assert concat["layers"] == [1, 2]
+  low = probe.low_data_probe(*data[0], sizes=(6, 30), seeds=3, l2s=[1e-2])
+  assert set(low) == {6, 30} and len(low[6]["accuracies"]) == 3
+  assert low[6]["std"] == np.std(low[6]["accuracies"])
+  idx = probe.label_subset(data[0][1], 30, seed=0)
+  assert np.bincount(data[0][1][idx]).tolist() == [10, 10, 10]
+  probe.plot_accuracy(str(tmp_path / "acc.png"), {"model": {0: .3, 1: .5, 2: .4}}, {"pixels": .35})
+  assert (tmp_path / "acc.png").stat().st_size > 1000
+  probe.write_json(str(tmp_path / "r.json"), table)
+  assert json.load(open(tmp_path / "r.json"))["best_layer"] == table["best_layer"]
+
+
+def test_pixel_features():
+  pal = np.linspace(-1, 1, 16 * 3, dtype=np.float32).reshape(16, 3)
+  tokens = _tokens(3)
+  hist = probe.pixel_features(tokens, pal, CFG.n_px)
+  np.testing.assert_allclose(hist.sum(1), 1.0)
+  assert hist[0, tokens[0, 0]] >= 1 / CFG.n_ctx
+  assert probe.pixel_features(tokens, pal, CFG.n_px, "rgb").shape == (3, CFG.n_ctx * 3)
+  with pytest.raises(ValueError, match="kind"):
+    probe.pixel_features(tokens, pal, CFG.n_px, "hog")
