@@ -1,0 +1,102 @@
+"""Sampling throughput: our jitted KV-cache sampler, optionally against Hugging Face's ImageGPT.
+
+  python bench/sample.py                 # ours only, D 256, 8 layers, 8 heads, 32x32, batch 4
+  python bench/sample.py --peer          # + ImageGPTForCausalImageModeling.generate, same shape
+  python bench/sample.py --device_report # iGPT-S shapes at batch 64 in bf16 (for a GPU)
+
+Both sides draw whole images (n_px**2 tokens per image) from random weights at temperature 1 with
+no filtering; compile time is excluded (one warm-up call). The last line is one JSON object.
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags
+
+import jax
+import numpy as np
+
+from igpt_jax import model as model_lib
+from igpt_jax import sample as sample_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("n_px", 32, "Image side: n_px**2 tokens per image.")
+flags.DEFINE_integer("n_layer", 8, "Layers.")
+flags.DEFINE_integer("n_embd", 256, "Width D.")
+flags.DEFINE_integer("n_head", 8, "Heads.")
+flags.DEFINE_integer("batch", 4, "Images drawn at once.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype of our model.")
+flags.DEFINE_integer("repeats", 2, "Timed calls per side (the best one counts).")
+flags.DEFINE_bool("peer", False, "Also time Hugging Face ImageGPT generate (torch, CPU).")
+flags.DEFINE_bool("device_report", False,
+                  "iGPT-S (24 layers, D 512, 8 heads, 32x32) at batch 64 in bfloat16: the "
+                  "images/s figure for an accelerator. Overrides the shape flags.")
+
+
+def _best_seconds(fn, repeats):
+  fn()  # warm-up: compile (ours) or first-call allocations (peer)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def time_ours(cfg, batch, repeats):
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  # The zero-initialised output table would make every draw uniform; real-looking logits.
+  params["wtet"] = 0.02 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
+  rng = jax.random.key(2)
+  return _best_seconds(
+      lambda: sample_lib.sample(cfg, params, rng, batch_size=batch).block_until_ready(), repeats)
+
+
+def time_peer(cfg, batch, repeats):
+  import torch
+  import transformers
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  hf_cfg = transformers.ImageGPTConfig(vocab_size=cfg.vocab_size + 1, n_positions=cfg.n_ctx,
+                                       n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                                       n_head=cfg.n_head)
+  peer = transformers.ImageGPTForCausalImageModeling(hf_cfg).eval()
+  # HF keeps the start token as the last vocabulary row.
+  start = torch.full((batch, 1), cfg.vocab_size, dtype=torch.long)
+
+  def run():
+    with torch.inference_mode():
+      out = peer.generate(start, max_length=cfg.n_ctx + 1, do_sample=True, top_k=0,
+                          temperature=1.0, use_cache=True, pad_token_id=cfg.vocab_size)
+    assert out.shape == (batch, cfg.n_ctx + 1), out.shape
+
+  return _best_seconds(run, repeats)
+
+
+def main(argv):
+  del argv
+  if FLAGS.device_report:
+    cfg = model_lib.preset("igpt_s", dtype="bfloat16")
+    batch = 64
+  else:
+    cfg = model_lib.IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
+                               n_head=FLAGS.n_head, dtype=FLAGS.dtype)
+    batch = FLAGS.batch
+  tokens = batch * cfg.n_ctx
+  ours = time_ours(cfg, batch, FLAGS.repeats)
+  result = {"device": str(jax.devices()[0].device_kind), "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd, "n_head": cfg.n_head, "n_px": cfg.n_px, "batch": batch,
+            "dtype": cfg.dtype, "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "ours_seconds": round(ours, 3), "ours_tokens_per_s": round(tokens / ours, 1),
+            "ours_images_per_s": round(batch / ours, 3)}
+  if FLAGS.peer:
+    peer = time_peer(cfg, batch, FLAGS.repeats)
+    result.update(peer_seconds=round(peer, 3), peer_tokens_per_s=round(tokens / peer, 1),
+                  ratio=round(peer / ours, 2))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,200 @@
+"""Autoregressive sampling with the KV cache, half-image completions and PNG grids.
+
+`sample` prefills the prompt (any number of leading tokens, possibly none) in one `decode` call,
+then draws one token per step inside a `lax.fori_loop`, all in one jitted function: shapes are
+static, so there is one compile per (config, batch, prompt length, top-k, top-p on/off, mesh),
+and the temperature and top-p values are traced arguments that never recompile.
+
+The paper samples at temperature 1 without top-k or nucleus filtering; those are the defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from igpt_jax import palette as palette_lib
+from igpt_jax import sharding as sharding_lib
+from igpt_jax.model import IGPT, IGPTConfig, check_tokens, init_cache
+
+
+def _filter_logits(logits, top_k, top_p):
+  """Sets logits outside the top-k / the top-p nucleus to -inf. logits [B, V] float32."""
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    # Keep a token while the mass before it is below top_p: the most likely one always stays.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def _choose(rng, logits, temperature, *, greedy, top_k, use_top_p, top_p):
+  """Next token ids [B] from the logits [B, V] of the current position."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = _filter_logits(logits / temperature, top_k, top_p if use_top_p else None)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p", "sharding"))
+def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy, top_k, use_top_p,
+            sharding):
+  """prompt [B, P] (P < T) -> tokens [B, T] whose first P tokens are the prompt's."""
+  b, p = prompt.shape
+  t = cfg.n_ctx
+  model = IGPT(cfg)
+  choose = functools.partial(_choose, temperature=temperature, greedy=greedy, top_k=top_k,
+                             use_top_p=use_top_p, top_p=top_p)
+
+  def constrain(x):  # batch-leading arrays follow the batch sharding (no-op without a mesh)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+  def decode(cache, ids, index):  # ids [B, S] -> (logits of the last position [B, V], cache)
+    logits, variables = model.apply({"params": params, "cache": cache}, ids, index,
+                                    method=IGPT.decode, mutable=["cache"])
+    return logits[:, -1], variables["cache"]
+
+  tokens = constrain(jnp.zeros((b, t), jnp.int32).at[:, :p].set(prompt))
+  # Prefill: position i reads token i-1 (the start id at 0), so positions 0..P take
+  # [sos, prompt] and the last of them predicts token P.
+  sos = jnp.full((b, 1), cfg.sos_id, jnp.int32)
+  logits, cache = decode(init_cache(cfg, b), jnp.concatenate([sos, prompt], axis=1), 0)
+  tokens = tokens.at[:, p].set(choose(jax.random.fold_in(rng, p), logits))
+
+  def step(i, carry):  # token i-1 is known; draw token i
+    tokens, cache = carry
+    prev = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)  # [B, 1]
+    logits, cache = decode(cache, prev, i)
+    tokens = jax.lax.dynamic_update_slice_in_dim(
+        tokens, choose(jax.random.fold_in(rng, i), logits)[:, None], i, axis=1)
+    return constrain(tokens), cache
+
+  tokens, _ = jax.lax.fori_loop(p + 1, t, step, (tokens, cache))
+  return tokens
+
+
+def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = None,
+           prompt=None, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+  """Draws images as tokens [B, T] (int32), continuing `prompt` [B, P] if given.
+
+  temperature: softmax temperature; 0 means greedy (argmax). top_k / top_p: optional
+  filtering before the draw (None = off). The same rng gives the same tokens, with or without
+  `mesh` (a `sharding.make_mesh` mesh: the batch is then split over data x fsdp, the model's
+  logical constraints apply, and parameters not yet on the mesh are replicated onto it).
+  """
+  if cfg.objective != "ar":
+    raise ValueError("sampling needs an autoregressive model (objective='ar')")
+  if prompt is None:
+    if batch_size is None:
+      raise ValueError("sample needs batch_size or a prompt [B, P]")
+    prompt = jnp.zeros((batch_size, 0), jnp.int32)
+  prompt = jnp.asarray(prompt)
+  check_tokens(prompt, cfg, full_length=False)
+  if batch_size is not None and batch_size != prompt.shape[0]:
+    raise ValueError(f"batch_size={batch_size} but the prompt has {prompt.shape[0]} rows")
+  if prompt.shape[1] > cfg.n_ctx:
+    raise ValueError(f"prompt of {prompt.shape[1]} tokens is longer than n_ctx={cfg.n_ctx}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k must lie in [1, {cfg.vocab_size}], got {top_k}")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+  prompt = prompt.astype(jnp.int32)
+  if prompt.shape[1] == cfg.n_ctx:
+    return prompt
+
+  run = functools.partial(_sample, temperature=jnp.float32(temperature),
+                          top_p=jnp.float32(top_p or 1.0), cfg=cfg, greedy=temperature == 0,
+                          top_k=top_k, use_top_p=top_p is not None)
+  if mesh is None:
+    return run(params, rng, prompt, sharding=None)
+  if prompt.shape[0] % sharding_lib.batch_shards(mesh):
+    raise ValueError(f"batch {prompt.shape[0]} does not split over the "
+                     f"{sharding_lib.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}")
+  batch, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  on_mesh = lambda x: isinstance(x, jax.Array) and x.sharding.device_set == replicated.device_set
+  # Parameters already laid over this mesh (e.g. FSDP from training) stay where they are.
+  params = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), params)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
+    return run(params, rng, jax.device_put(prompt, batch), sharding=batch)
+
+
+def prefix_length(cfg: IGPTConfig, *, rows: int | None = None,
+                  fraction: float | None = None) -> int:
+  """Prompt length in tokens for completions from the top `rows` pixel rows (or a fraction)."""
+  if (rows is None) == (fraction is None):
+    raise ValueError("give exactly one of rows or fraction")
+  if fraction is not None:
+    if not 0 <= fraction <= 1:
+      raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    rows = round(fraction * cfg.n_px)
+  if not 0 <= rows <= cfg.n_px:
+    raise ValueError(f"rows must lie in [0, {cfg.n_px}], got {rows}")
+  return rows * cfg.n_px
+
+
+def complete(cfg: IGPTConfig, params, rng: jax.Array, tokens, prefix_len: int, *,
+             samples: int = 1, **sample_kw) -> jax.Array:
+  """Completions of real images: tokens [N, T] -> [N, samples, T] keeping the first prefix_len."""
+  tokens = jnp.asarray(tokens)
+  check_tokens(tokens, cfg)
+  if not 0 <= prefix_len <= cfg.n_ctx:
+    raise ValueError(f"prefix_len must lie in [0, {cfg.n_ctx}], got {prefix_len}")
+  n = tokens.shape[0]
+  prompt = jnp.repeat(tokens[:, :prefix_len], samples, axis=0)  # [N * S, P]
+  out = sample(cfg, params, rng, prompt=prompt, **sample_kw)
+  return out.reshape(n, samples, cfg.n_ctx)
+
+
+def completion_rows(tokens, completions, prefix_len: int, palette, n_px: int) -> list:
+  """One grid row per image: [input (unseen part grey) | S completions | original].
+
+  tokens [N, T], completions [N, S, T] -> list of N uint8 arrays [S + 2, n_px, n_px, 3].
+  """
+  tokens, completions = np.asarray(tokens), np.asarray(completions)
+  chex.assert_rank(completions, 3)
+  chex.assert_equal_shape_prefix([tokens, completions], 1)
+  originals = palette_lib.dequantize(tokens, palette, n_px)  # [N, H, W, 3]
+  filled = palette_lib.dequantize(completions, palette, n_px)  # [N, S, H, W, 3]
+  inputs = originals.copy().reshape(len(tokens), n_px * n_px, 3)
+  inputs[:, prefix_len:] = 128
+  inputs = inputs.reshape(originals.shape)
+  return [np.concatenate([i[None], f, o[None]]) for i, f, o in zip(inputs, filled, originals)]
+
+
+def grid_image(rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
+  """Tiles rows (a list of uint8 [N_r, H, W, 3]) into one uint8 image on a white background."""
+  if not rows:
+    raise ValueError("grid_image needs at least one row")
+  rows = [np.asarray(r) for r in rows]
+  h, w = rows[0].shape[1:3]
+  for r in rows:
+    if r.dtype != np.uint8 or r.ndim != 4 or r.shape[1:] != (h, w, 3):
+      raise ValueError(f"every row must be uint8 [N, {h}, {w}, 3], got {r.dtype} {r.shape}")
+  cols = max(len(r) for r in rows)
+  grid = np.full((pad + len(rows) * (h + pad), pad + cols * (w + pad), 3), 255, np.uint8)
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = img
+  return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(path, rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
+  """Writes `grid_image(rows)` as a PNG at path and returns it."""
+  grid = grid_image(rows, pad=pad, scale=scale)
+  Image.fromarray(grid).save(path, format="PNG")
+  return grid

@@ -1,0 +1,90 @@
+r"""Draws images from a trained or converted iGPT, or completes the bottom of real images.
+
+  python -m launch.sample --workdir=W --num=16 --out=/tmp/samples
+  python -m launch.sample --workdir=W --complete --data=cifar10 --split=test --num=8 \
+      --samples_per_image=4 --prefix_rows=16 --out=/tmp/completions
+
+`--workdir` is a training run or the output of launch/convert.py (read with
+`igpt_jax.checkpoint.load`). Writes `samples.png` + `samples.npy` (tokens [num, T]), or
+`completions.png` (rows: input | completions | original) + `completions.npy` (tokens
+[num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
+batch is split over them.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from igpt_jax import checkpoint
+from igpt_jax import data
+from igpt_jax import palette as palette_lib
+from igpt_jax import sample as sample_lib
+from igpt_jax import sharding
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training run or converted weights.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/samples).")
+_NUM = flags.DEFINE_integer("num", 8, "Images to draw, or real images to complete.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens only.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set of mass >= top_p.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed draws the same images.")
+_COMPLETE = flags.DEFINE_bool("complete", False, "Complete real images from --data.")
+_DATA = flags.DEFINE_string("data", None, "tfds name or local .npz / directory (--complete).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+_SPLIT = flags.DEFINE_string("split", "train[45000:]", "Split of --data (tfds slicing syntax).")
+_SAMPLES_PER_IMAGE = flags.DEFINE_integer("samples_per_image", 4, "Completions per image.")
+_PREFIX_ROWS = flags.DEFINE_integer("prefix_rows", None,
+                                    "Pixel rows given as the prompt (default: the top half).")
+_PREFIX_FRACTION = flags.DEFINE_float("prefix_fraction", None,
+                                      "Or the fraction of rows given (instead of prefix_rows).")
+_SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest neighbour).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
+  out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
+  os.makedirs(out, exist_ok=True)
+  mesh = sharding.make_mesh() if jax.device_count() > 1 else None
+  rng = jax.random.key(_SEED.value)
+  kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, mesh=mesh)
+
+  if not _COMPLETE.value:
+    tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value, **kw))
+    np.save(os.path.join(out, "samples.npy"), tokens)
+    path = os.path.join(out, "samples.png")
+    sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
+                         scale=_SCALE.value)
+    logging.info("wrote %d samples to %s", len(tokens), path)
+    return
+
+  if not _DATA.value:
+    raise app.UsageError("--complete needs --data (a tfds name or a local .npz / directory)")
+  if _PREFIX_FRACTION.value is None:
+    rows = cfg.n_px // 2 if _PREFIX_ROWS.value is None else _PREFIX_ROWS.value
+    prefix_len = sample_lib.prefix_length(cfg, rows=rows)
+  else:
+    prefix_len = sample_lib.prefix_length(cfg, fraction=_PREFIX_FRACTION.value)
+  images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value}, _SPLIT.value,
+                               _NUM.value, n_px=cfg.n_px)
+  originals = np.asarray(palette_lib.quantize(images, palette))  # [N, T]
+  completions = np.asarray(sample_lib.complete(cfg, params, rng, originals, prefix_len,
+                                               samples=_SAMPLES_PER_IMAGE.value, **kw))
+  np.save(os.path.join(out, "completions.npy"), completions)
+  np.save(os.path.join(out, "originals.npy"), originals)
+  path = os.path.join(out, "completions.png")
+  sample_lib.save_grid(path, sample_lib.completion_rows(originals, completions, prefix_len,
+                                                        palette, cfg.n_px), scale=_SCALE.value)
+  logging.info("wrote completions of %d images (%d of %d tokens given) to %s", len(originals),
+               prefix_len, cfg.n_ctx, path)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

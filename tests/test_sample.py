@@ -1,0 +1,187 @@
+"""Sampler: KV-cache decoding against the full forward, filtering, prompts, seeds, sharding, grids,
+and the launch script on converted Hugging Face weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_jax import sample as sample_lib
+from igpt_jax import sharding
+from igpt_jax.model import IGPT, IGPTConfig, init_params
+
+CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=4, vocab_size=16)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = init_params(CFG, jax.random.key(0))
+  # The output table starts at zero (uniform logits); a random one makes greedy paths varied.
+  p["wtet"] = jax.random.normal(jax.random.key(1), p["wtet"].shape)
+  return p
+
+
+@pytest.fixture(scope="module")
+def prompt():
+  return jax.random.randint(jax.random.key(2), (4, 3), 0, CFG.vocab_size)
+
+
+def greedy_by_full_forward(params, prompt):
+  """Reference: rerun the whole uncached model for every new token."""
+  tokens = np.zeros((prompt.shape[0], CFG.n_ctx), np.int32)
+  tokens[:, :prompt.shape[1]] = prompt
+  forward = jax.jit(lambda t: IGPT(CFG).apply({"params": params}, t))
+  for i in range(prompt.shape[1], CFG.n_ctx):
+    tokens[:, i] = np.argmax(forward(tokens)[:, i], axis=-1)
+  return tokens
+
+
+def test_greedy_cached_sampling_equals_full_forward(params, prompt):
+  for p in (prompt, prompt[:, :0]):
+    got = sample_lib.sample(CFG, params, jax.random.key(0), prompt=p, temperature=0)
+    want = greedy_by_full_forward(params, np.asarray(p))
+    np.testing.assert_array_equal(got, want)
+  assert len(np.unique(want)) > 2  # the check above is not about a constant sequence
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(params, prompt):
+  greedy = sample_lib.sample(CFG, params, jax.random.key(0), prompt=prompt, temperature=0)
+  for kw in (dict(top_k=1), dict(top_p=1e-6)):
+    got = sample_lib.sample(CFG, params, jax.random.key(3), prompt=prompt, temperature=1.0, **kw)
+    np.testing.assert_array_equal(got, greedy)
+
+
+def test_filter_logits_keeps_top_k_and_nucleus():
+  logits = jnp.log(jnp.array([[0.05, 0.5, 0.15, 0.3]]))
+  keep = lambda **kw: np.isfinite(sample_lib._filter_logits(logits, **kw))[0].tolist()
+  assert keep(top_k=2, top_p=None) == [False, True, False, True]
+  # Smallest set reaching the mass: 0.5 alone for 0.5; 0.5 + 0.3 for 0.6; three for 0.81.
+  assert keep(top_k=None, top_p=0.5) == [False, True, False, False]
+  assert keep(top_k=None, top_p=0.6) == [False, True, False, True]
+  assert keep(top_k=None, top_p=0.81) == [False, True, True, True]
+
+
+def test_seed_determines_samples(params):
+  draw = lambda seed: np.asarray(sample_lib.sample(CFG, params, jax.random.key(seed),
+                                                   batch_size=4))
+  a, b, c = draw(0), draw(0), draw(1)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).mean() > 0.3
+  assert a.shape == (4, CFG.n_ctx) and a.dtype == np.int32
+  assert a.min() >= 0 and a.max() < CFG.vocab_size
+
+
+def test_completions_keep_the_prompt(params):
+  tokens = jax.random.randint(jax.random.key(4), (2, CFG.n_ctx), 0, CFG.vocab_size)
+  for prefix_len in (0, 5, 8, CFG.n_ctx):
+    out = np.asarray(sample_lib.complete(CFG, params, jax.random.key(5), tokens, prefix_len,
+                                         samples=3))
+    assert out.shape == (2, 3, CFG.n_ctx)
+    np.testing.assert_array_equal(out[:, :, :prefix_len],
+                                  np.repeat(np.asarray(tokens)[:, None, :prefix_len], 3, 1))
+    if prefix_len < CFG.n_ctx:  # the three completions of an image differ
+      assert (out[:, 0, prefix_len:] != out[:, 1, prefix_len:]).any()
+  assert sample_lib.prefix_length(CFG, rows=2) == 8 == sample_lib.prefix_length(CFG, fraction=.5)
+
+
+def test_sharded_sampling_equals_unsharded(params, prompt):
+  assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
+  mesh = sharding.make_mesh((4, 2, 1))
+  prompt8 = jnp.concatenate([prompt, prompt[::-1]])
+  for kw in (dict(), dict(top_k=5, top_p=0.9), dict(temperature=0)):
+    want = sample_lib.sample(CFG, params, jax.random.key(6), prompt=prompt8, **kw)
+    got = sample_lib.sample(CFG, params, jax.random.key(6), prompt=prompt8, mesh=mesh, **kw)
+    assert got.sharding.spec == sharding.batch_sharding(mesh).spec
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="batch shards"):
+    sample_lib.sample(CFG, params, jax.random.key(0), batch_size=3, mesh=mesh)
+
+
+def test_bad_arguments_raise(params):
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="batch_size or a prompt"):
+    sample_lib.sample(CFG, params, key)
+  with pytest.raises(ValueError, match="token ids"):
+    sample_lib.sample(CFG, params, key, prompt=jnp.full((2, 3), CFG.vocab_size))
+  with pytest.raises(ValueError, match="temperature"):
+    sample_lib.sample(CFG, params, key, batch_size=2, temperature=-1)
+  with pytest.raises(ValueError, match="top_k"):
+    sample_lib.sample(CFG, params, key, batch_size=2, top_k=0)
+  with pytest.raises(ValueError, match="top_p"):
+    sample_lib.sample(CFG, params, key, batch_size=2, top_p=1.5)
+  with pytest.raises(ValueError, match="autoregressive"):
+    sample_lib.sample(CFG.replace(objective="bert"), params, key, batch_size=2)
+  with pytest.raises(ValueError, match="exactly one"):
+    sample_lib.prefix_length(CFG, rows=1, fraction=0.5)
+
+
+def test_completion_rows_and_png_grid(tmp_path):
+  palette = np.linspace(-1, 1, CFG.vocab_size * 3, dtype=np.float32).reshape(-1, 3)
+  tokens = np.arange(2 * CFG.n_ctx).reshape(2, CFG.n_ctx) % CFG.vocab_size
+  completions = np.stack([tokens, tokens[::-1]], axis=1)  # [2, 2, T]
+  rows = sample_lib.completion_rows(tokens, completions, 8, palette, CFG.n_px)
+  assert len(rows) == 2 and rows[0].shape == (4, CFG.n_px, CFG.n_px, 3)
+  original = rows[0][-1]
+  np.testing.assert_array_equal(rows[0][0][:2], original[:2])  # top 2 rows = 8 tokens given
+  assert (rows[0][0][2:] == 128).all()  # the unseen part is grey
+  np.testing.assert_array_equal(rows[1][2], rows[0][-1])  # image 1's 2nd completion = image 0
+
+  grid = sample_lib.save_grid(tmp_path / "g.png", rows, pad=1, scale=2)
+  assert grid.shape == (2 * (1 + 2 * (CFG.n_px + 1)), 2 * (1 + 4 * (CFG.n_px + 1)), 3)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
+  with pytest.raises(ValueError, match="uint8"):
+    sample_lib.grid_image([rows[0].astype(np.float32)])
+
+
+def _run(module, *flags):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_converted_hf_weights_sample_and_complete(tmp_path):
+  """A random HF ImageGPT saved the way the hub ships it, converted, then sampled/completed."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_cfg = transformers.ImageGPTConfig(vocab_size=CFG.vocab_size + 1, n_positions=CFG.n_ctx,
+                                       n_embd=CFG.n_embd, n_layer=CFG.n_layer,
+                                       n_head=CFG.n_head)
+  hf_dir = tmp_path / "hf"
+  transformers.ImageGPTForCausalImageModeling(hf_cfg).save_pretrained(hf_dir)
+  palette = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3))
+  (hf_dir / "preprocessor_config.json").write_text(json.dumps(
+      {"image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
+       "do_resize": True, "size": {"height": CFG.n_px, "width": CFG.n_px},
+       "do_normalize": True, "do_color_quantize": True}))
+  images = np.random.default_rng(1).integers(0, 256, (3, CFG.n_px, CFG.n_px, 3), np.uint8)
+  np.savez(tmp_path / "images.npz", images=images, labels=np.zeros(3, np.int32))
+  workdir, out = tmp_path / "converted", tmp_path / "out"
+
+  _run("launch.convert", f"--hf_dir={hf_dir}", f"--workdir={workdir}")
+  # The subprocesses inherit conftest's 8 fake devices: batches of 8 run sharded.
+  _run("launch.sample", f"--workdir={workdir}", f"--out={out}", "--num=8", "--seed=1")
+  tokens = np.load(out / "samples.npy")
+  assert tokens.shape == (8, CFG.n_ctx) and tokens.max() < CFG.vocab_size
+  assert Image.open(out / "samples.png").size[0] > 8 * CFG.n_px
+
+  _run("launch.sample", f"--workdir={workdir}", f"--out={out}", "--complete",
+       f"--data={tmp_path / 'images.npz'}", "--split=train[1:]", "--num=2",
+       "--samples_per_image=4", "--prefix_rows=1")
+  originals, completions = np.load(out / "originals.npy"), np.load(out / "completions.npy")
+  assert originals.shape == (2, CFG.n_ctx) and completions.shape == (2, 4, CFG.n_ctx)
+  np.testing.assert_array_equal(completions[:, :, :CFG.n_px],
+                                np.repeat(originals[:, None, :CFG.n_px], 4, 1))
+  pixels = images[1:3].reshape(2, -1, 1, 3) / 127.5 - 1
+  nearest = np.argmin(((pixels - palette) ** 2).sum(-1), axis=-1)
+  np.testing.assert_array_equal(originals, nearest)  # the converted palette tokenised them
+  grid = np.asarray(Image.open(out / "completions.png"))
+  assert grid.shape[1] > grid.shape[0]  # rows of 6 images: input, 4 completions, original
