@@ -182,7 +182,7 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, shardings:
     grads, metrics = gradients(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
