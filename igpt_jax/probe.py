@@ -181,13 +181,22 @@ def _standardise(train_x, *others):
   return [(x - mean) / std for x in (train_x, *others)]
 
 
+def _bucket(n: int) -> int:
+  """n rounded up to 1/8 of its power of two (>= 8): fits of similar sizes share a compile."""
+  step = 2 ** max(3, n.bit_length() - 4)
+  return -(-n // step) * step
+
+
 @functools.partial(jax.jit, static_argnames=("n_classes", "max_iter"))
-def _fit(x, y, l2, *, n_classes: int, max_iter: int, tol: float):
-  """Full-batch L-BFGS on mean CE + l2/2 |W|^2; x [N, F] f32, y [N] -> ((W [F, C], b [C]), it)."""
+def _fit(x, y, weight, l2, *, n_classes: int, max_iter: int, tol: float):
+  """Full-batch L-BFGS on the weighted mean CE + l2/2 |W|^2.
+
+  x [N, F] f32, y [N] int, weight [N] (0 on padding rows) -> ({"w" [F, C], "b" [C]}, iterations).
+  """
   def loss(p):
     logits = x @ p["w"] + p["b"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return ce + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(weight * ce) / jnp.sum(weight) + 0.5 * l2 * jnp.sum(p["w"] ** 2)
 
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(loss)
@@ -214,9 +223,17 @@ def _accuracy(params, x, y) -> float:
 
 
 def fit_logistic(x, y, l2: float, n_classes: int, *, max_iter: int = 1000, tol: float = 1e-5):
-  """Fits on already standardised x [N, F]; -> (params {"w", "b"} as np arrays, iterations)."""
-  params, count = _fit(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32), jnp.float32(l2),
-                       n_classes=n_classes, max_iter=max_iter, tol=tol)
+  """Fits on already standardised x [N, F]; -> (params {"w", "b"} as np arrays, iterations).
+
+  Rows are zero-padded to a size bucket with weight 0, so a sweep compiles once per bucket.
+  """
+  n = len(x)
+  pad = _bucket(n) - n
+  x = np.pad(np.asarray(x, np.float32), ((0, pad), (0, 0)))
+  y = np.pad(np.asarray(y, np.int32), (0, pad))
+  weight = (np.arange(n + pad) < n).astype(np.float32)
+  params, count = _fit(x, y, weight, np.float32(l2), n_classes=n_classes, max_iter=max_iter,
+                       tol=tol)
   return jax.tree.map(np.asarray, params), int(count)
 
 
