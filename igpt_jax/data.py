@@ -1,0 +1,357 @@
+"""Input pipelines: images -> resize / augment -> palette tokens, in tf.data, per host.
+
+Two kinds of source feed one pipeline:
+  * a tfds dataset by name (`KNOWN_TFDS`), read from `data_dir`;
+  * a local path: an `.npz` file (`images` uint8 [N, H, W, 3], `labels` int [N]), a directory of
+    `.npz` files (split `s` = the files `s*.npz`), or an image-folder tree (`root/<class>/*` is
+    split "train", or `root/<split>/<class>/*`).
+Both take tfds split syntax ("train[:45000]", "train[10%:]", "a+b") and are cut per host with
+`tfds.even_splits`, so host i reads its own disjoint slice.
+
+Train streams are a pure function of (data_cfg, seed, host): epoch e is the host slice shuffled with
+seed (seed, e), and every random augmentation is a stateless op seeded by (seed, position of the
+example in the stream). Batch k is therefore known without running batches 0..k-1, and
+`start_step=k` resumes exactly there (only the encoded records of the current epoch are skipped).
+
+TensorFlow is imported lazily (GPU and TPU hosts may lack it) and kept off the accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+
+from igpt_jax import palette as palette_lib
+
+KNOWN_TFDS = ("imagenet2012", "imagenet_resized/32x32", "imagenet_resized/64x64", "cifar10",
+              "cifar100", "stl10")
+AUGMENTS = ("none", "cifar", "imagenet")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+DEFAULTS = dict(name=None, data_dir=None, train_split="train", eval_split="test", augment="none",
+                shuffle_buffer=10_000, threads=0)  # threads 0: one per host core
+
+
+@functools.cache
+def _tf():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _tf()
+  return tfds
+
+
+def _fields(data_cfg) -> dict:
+  """data_cfg (ConfigDict or dict) with defaults filled in; typos are errors, not silent."""
+  given = dict(data_cfg.items())
+  unknown = set(given) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown data config fields {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+  cfg = {**DEFAULTS, **given}
+  if not cfg["name"]:
+    raise ValueError("data config needs `name`: one of "
+                     f"{', '.join(KNOWN_TFDS)}, or a local .npz file / directory")
+  if cfg["augment"] not in AUGMENTS:
+    raise ValueError(f"unknown augment {cfg['augment']!r}; known: {AUGMENTS}")
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: (dataset of {"image": raw, "label": int}, decode raw -> uint8 [H, W, 3]) for one split.
+
+
+def _is_local(name: str) -> bool:
+  if name in KNOWN_TFDS:
+    return False
+  if os.path.exists(name):
+    return True
+  raise ValueError(f"unknown dataset {name!r}: not one of the tfds datasets "
+                   f"{', '.join(KNOWN_TFDS)}, and no such local file or directory")
+
+
+def _check_arrays(images, labels, where: str):
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"{where}: images must be uint8 [N, H, W, 3], got {images.dtype} "
+                     f"{images.shape}")
+  if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{where}: labels must be int [{len(images)}], got {labels.dtype} "
+                     f"{labels.shape}")
+
+
+def _read_npz(path: str):
+  with np.load(path) as f:
+    if "images" not in f or "labels" not in f:
+      raise ValueError(f"{path}: an .npz source needs arrays `images` and `labels`, "
+                       f"found {sorted(f.keys())}")
+    images, labels = f["images"], f["labels"]
+  _check_arrays(images, labels, path)
+  return images, labels.astype(np.int32)
+
+
+def _image_folder(root: str):
+  """Files and labels of `root/<class>/*` (classes in sorted order)."""
+  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  files, labels = [], []
+  for label, cls in enumerate(classes):
+    for f in sorted(os.listdir(os.path.join(root, cls))):
+      if f.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(os.path.join(root, cls, f))
+        labels.append(label)
+  if not files:
+    raise ValueError(f"{root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in class subdirectories")
+  return np.array(files), np.array(labels, np.int32)
+
+
+@functools.lru_cache(maxsize=2)
+def _local_split(path: str, split: str):
+  """(images uint8 [N, H, W, 3] or file names [N], labels int32 [N]) of a named local split."""
+  if os.path.isfile(path):
+    if split != "train":
+      raise ValueError(f"{path} is a single .npz file: its only split is 'train' (slice it, "
+                       f"e.g. 'train[45000:]'), got {split!r}")
+    return _read_npz(path)
+  npz = sorted(glob.glob(os.path.join(path, "*.npz")))
+  if npz:
+    files = [f for f in npz if os.path.basename(f).startswith(split)]
+    if not files:
+      raise ValueError(f"{path}: no files {split}*.npz for split {split!r} among "
+                       f"{[os.path.basename(f) for f in npz]}")
+    parts = [_read_npz(f) for f in files]
+    if len({p[0].shape[1:] for p in parts}) > 1:
+      raise ValueError(f"{path}: the {split!r} files hold images of different sizes")
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+  if os.path.isdir(os.path.join(path, split)):
+    return _image_folder(os.path.join(path, split))
+  if split == "train":
+    return _image_folder(path)
+  raise ValueError(f"{path}: no split {split!r} (no {split}*.npz, no {split}/ folder)")
+
+
+def _split_names(split: str) -> set[str]:
+  return {re.match(r"\s*([\w-]*)", part).group(1) for part in split.split("+")}
+
+
+def _local_slices(path: str, split: str, index: int, count: int):
+  """[(images or files, labels, slice)] of host `index`'s share of a local split spec."""
+  tfds = _tfds()
+  data = {name: _local_split(path, name) for name in _split_names(split)}
+  infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[len(d[1])], num_bytes=0)
+           for name, d in data.items()}
+  instructions = tfds.even_splits(split, count)[index].to_absolute(infos)
+  return [(*data[a.splitname], slice(a.from_, a.to)) for a in instructions]
+
+
+def _local_source(path: str, split: str, index: int, count: int):
+  tf = _tf()
+  parts = _local_slices(path, split, index, count)
+  images = np.concatenate([images[s] for images, _, s in parts])
+  labels = np.concatenate([labels[s] for _, labels, s in parts])
+  ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+  if images.dtype == np.uint8:
+    return ds, lambda image: image
+  return ds, lambda f: tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
+
+
+def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
+  tfds = _tfds()
+  if data_dir is not None and not os.path.isdir(data_dir):
+    raise ValueError(f"data_dir {data_dir!r} for tfds dataset {name!r} does not exist")
+  builder = tfds.builder(name, data_dir=data_dir)
+  builder.download_and_prepare()  # no-op once prepared (ImageNet needs its manual download)
+  # Images stay encoded until after the shuffle: smaller buffers, and cheap skips on resume.
+  ds = builder.as_dataset(split=tfds.even_splits(split, count)[index], shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  return ds, builder.info.features["image"].decode_example
+
+
+def _source(cfg: dict, split: str, index: int = 0, count: int = 1):
+  """(dataset of {"image", "label"}, decode) of host `index`'s share of a split spec."""
+  if _is_local(cfg["name"]):
+    return _local_source(cfg["name"], split, index, count)
+  return _tfds_source(cfg["name"], cfg["data_dir"], split, index, count)
+
+
+def _host_sizes(cfg: dict, split: str, count: int) -> list[int]:
+  if _is_local(cfg["name"]):
+    return [sum(len(range(*s.indices(len(labels)))) for _, labels, s in
+                _local_slices(cfg["name"], split, i, count)) for i in range(count)]
+  return [int(_source(cfg, split, i, count)[0].cardinality()) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example preprocessing (tf graph).
+
+
+def _resize(image, n_px: int):
+  """uint8 [h, w, 3] -> uint8 [n_px, n_px, 3]; area averaging, so downsampling is antialiased."""
+  tf = _tf()
+  out = tf.image.resize(image, [n_px, n_px], method="area")
+  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+
+def _centre_square(image):
+  tf = _tf()
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  side = tf.minimum(h, w)
+  return image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+
+
+def _imagenet_crop(image, seed):
+  """Paper: short side resized to s ~ U[256, 384], random 224 crop. Cropping the matching
+  224/s fraction of the original first gives the same view with a single resize."""
+  tf = _tf()
+  s_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  short = tf.minimum(h, w)
+  s = tf.random.stateless_uniform([], s_seed, 256, 385, tf.int32)
+  side = tf.clip_by_value(
+      tf.cast(tf.round(224.0 * tf.cast(short, tf.float32) / tf.cast(s, tf.float32)), tf.int32),
+      1, short)
+  y = tf.random.stateless_uniform([], y_seed, 0, h - side + 1, tf.int32)
+  x = tf.random.stateless_uniform([], x_seed, 0, w - side + 1, tf.int32)
+  return image[y:y + side, x:x + side]
+
+
+def _cifar_augment(image, seed):
+  """Paper (CIFAR fine-tuning): 4 px reflect pad, random crop back to size, random flip."""
+  tf = _tf()
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
+  image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _preprocess(image, augment: str, n_px: int, seed):
+  """uint8 [h, w, 3] -> uint8 [n_px, n_px, 3]; seed None = eval (no randomness)."""
+  if seed is not None and augment == "imagenet":
+    return _resize(_imagenet_crop(image, seed), n_px)
+  # Eval of every augment (the paper's short side 224 + centre 224 crop is the centre square).
+  image = _resize(_centre_square(image), n_px)
+  if seed is not None and augment == "cifar":
+    image = _cifar_augment(image, seed)
+  return image
+
+
+def _quantize(image, centres):
+  """uint8 [H, W, 3] -> int32 [H*W] nearest palette centre, as `palette.quantize` computes it.
+
+  Squared distances are summed channel by channel in a fixed order: plain IEEE float32 ops that
+  XLA and TF round alike, so near-ties break the same way in both (a matmul's would not).
+  """
+  tf = _tf()
+  x = tf.reshape(tf.cast(image, tf.float32) / 127.5 - 1.0, [-1, 3])
+  d = [x[:, i:i + 1] - centres[:, i] for i in range(3)]  # 3 x [H*W, k]
+  return tf.argmin(d[0] * d[0] + d[1] * d[1] + d[2] * d[2], -1, output_type=tf.int32)
+
+
+def _options(threads: int):
+  tf = _tf()
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = threads or os.cpu_count()
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, train: bool,
+                 seed: int = 0, start_step: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """This host's batches {"tokens": int32 [B_local, n_px**2], "labels": int32 [B_local]}.
+
+  B_local = batch_size // process_count. train=True: shuffled, augmented, repeated forever,
+  starting at batch `start_step` of the stream fixed by (data_cfg, seed). train=False: one pass
+  in fixed order without augmentation; the last batch is padded and every batch has
+  "valid" bool [B_local]; all hosts yield the same number of batches.
+  """
+  cfg = _fields(data_cfg)
+  centres = palette_lib.check_palette(palette)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"batch_size {batch_size} must be a positive multiple of the "
+                     f"{process_count} processes")
+  if n_px <= 0:
+    raise ValueError(f"n_px must be positive, got {n_px}")
+  if start_step < 0 or (start_step and not train):
+    raise ValueError(f"start_step {start_step}: must be >= 0, and 0 for eval (one pass)")
+  tf = _tf()
+  local_batch = batch_size // process_count
+  ds, decode = _source(cfg, split, process_index, process_count)
+  n = int(ds.cardinality())
+  if n <= 0:
+    raise ValueError(f"split {split!r} of {cfg['name']!r} has no examples on host "
+                     f"{process_index} of {process_count}")
+  centres = tf.constant(centres)
+
+  def tokens(image, label, seed=None):
+    image = _preprocess(decode(image), cfg["augment"], n_px, seed)
+    return {"tokens": _quantize(image, centres), "labels": tf.cast(label, tf.int32)}
+
+  if train:
+    def epoch(e):  # the host slice in the order of epoch e; a pure function of (seed, e)
+      return ds.shuffle(min(cfg["shuffle_buffer"], n), seed=seed * 1_000_003 + e,
+                        reshuffle_each_iteration=False)
+
+    first = start_step * local_batch  # position in the stream of this host's next example
+    ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
+    ds = ds.enumerate(start=first).map(
+        lambda i, ex: tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True)
+  else:
+    padded = -(-max(_host_sizes(cfg, split, process_count)) // local_batch) * local_batch
+    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": True},
+                num_parallel_calls=tf.data.AUTOTUNE)
+    pad = {"tokens": tf.zeros([n_px * n_px], tf.int32), "labels": tf.constant(0, tf.int32),
+           "valid": False}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padded - n))
+    ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(2).with_options(_options(cfg["threads"]))
+  return ds.as_numpy_iterator()
+
+
+def load_images(data_cfg, split: str, max_images: int | None = None, *,
+                n_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [N, H, W, 3], int32 [N]) of a split, in order, without augmentation.
+
+  Images of differing sizes (ImageNet, image folders) need `n_px`: each is then cut to its centre
+  square and resized to n_px, as the eval pipeline does.
+  """
+  cfg = _fields(data_cfg)
+  tf = _tf()
+  ds, decode = _source(cfg, split)
+  if max_images is not None:
+    ds = ds.take(max_images)
+
+  def prepare(ex):
+    image = decode(ex["image"])
+    if n_px is not None:
+      image = _preprocess(image, "none", n_px, None)
+    return image, tf.cast(ex["label"], tf.int32)
+
+  images, labels = [], []
+  for image, label in ds.map(prepare).with_options(_options(cfg["threads"])).as_numpy_iterator():
+    if images and image.shape != images[0].shape:
+      raise ValueError(f"{cfg['name']!r} {split!r} has images of sizes {images[0].shape} and "
+                       f"{image.shape}: pass n_px to resize them")
+    images.append(image)
+    labels.append(label)
+  if not images:
+    raise ValueError(f"split {split!r} of {cfg['name']!r} is empty")
+  return np.stack(images), np.array(labels, np.int32)
