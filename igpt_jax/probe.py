@@ -9,6 +9,7 @@ read after ln_1 (the paper's probe) or before it ("residual"); layer n_layer is 
   linear_probe(train_x, train_y, test_x, test_y, **opts) -> dict                      L-BFGS
   probe_layers / low_data_probe / concat_layers                                       the tables
   pixel_features(tokens, palette, n_px)                                               baselines
+  run(config, workdir, baselines=False) -> results dict                   behind launch/probe.py
 
 The probe is multinomial logistic regression, fitted full-batch with `optax.lbfgs` (zoom line
 search) in one jitted loop on standardised features. Its penalty `l2` multiplies 0.5 * |W|^2
@@ -19,6 +20,7 @@ penalised (as in scikit-learn).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 from typing import Callable, Iterable, Mapping, Sequence
@@ -31,6 +33,9 @@ import optax
 import optax.tree_utils as otu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from absl import logging
+
+from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 
@@ -353,3 +358,96 @@ def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
 def write_json(path: str, obj) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, default=float)
+
+
+# -- the whole evaluation ---------------------------------------------------------------------
+
+def _checked_batches(config, split: str, palette, n_px: int, batch_size: int):
+  """Eval batches of a split; ValueError before any extraction if the split has no labels."""
+  from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  batches = data_lib.make_dataset(config.data, split=split, batch_size=batch_size,
+                                  palette=palette, n_px=n_px, train=False)
+  first = next(batches)
+  labels = first["labels"][first["valid"]]
+  if labels.size and labels.min() < 0:  # tfds marks unlabelled images (stl10 "unlabelled") -1
+    raise ValueError(f"split {split!r} of {config.data['name']!r} has unlabelled images "
+                     f"(label {labels.min()}); a probe needs a labelled split")
+  return itertools.chain([first], batches)
+
+
+def run(config, workdir: str, *, baselines: bool = False, step: int | None = None) -> dict:
+  """Extracts, probes every layer (+ concat, low-data, baselines), writes workdir/probe/.
+
+  config: see experiments/probe_cifar10.py. Returns the dict written to results.json.
+  """
+  from igpt_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  cfg, params, palette = ckpt_lib.load(workdir, step)
+  if config.get("model"):
+    ckpt_lib.check_compatible(cfg.to_dict(), train_lib.model_config(config.model), workdir)
+  layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
+  model_lib.check_layers(cfg, layers)
+  n_dev = jax.local_device_count()
+  batch_size = -(-config.batch_size // n_dev) * n_dev
+  out_dir = os.path.join(workdir, "probe")
+  feat_dir = os.path.join(out_dir, "features")
+  splits = {"train": config.data.train_split, "test": config.data.eval_split}
+  batches = {name: _checked_batches(config, split, palette, cfg.n_px, batch_size)
+             for name, split in splits.items()}
+  logging.info("probing %s (%s) layers %s on %d devices", workdir, cfg, layers, n_dev)
+
+  models = {"": featurizer(cfg, params, layers, config.reading)}
+  if baselines:
+    random_params = model_lib.init_params(cfg, jax.random.key(config.random_init_seed))
+    models["random_"] = featurizer(cfg, random_params, layers, config.reading)
+
+  def featurize(tokens):  # one pass over the data feeds every model and baseline
+    out = {}
+    for prefix, fn in models.items():
+      out.update({f"{prefix}layer{l:02d}": f for l, f in fn(tokens).items()})
+    if baselines:
+      out.update({f"pixels_{k}": pixel_features(tokens, palette, cfg.n_px, k)
+                  for k in PIXEL_KINDS})
+    return out
+
+  for name, it in batches.items():
+    write_features(it, featurize, feat_dir, name)
+  labels = {s: np.load(feature_path(feat_dir, s, "labels")) for s in splits}
+
+  def load(name):
+    return (np.load(feature_path(feat_dir, "train", name)), labels["train"],
+            np.load(feature_path(feat_dir, "test", name)), labels["test"])
+
+  def load_layer(prefix):
+    return lambda l: load(f"{prefix}layer{l:02d}")
+
+  opts = dict(l2s=tuple(config.l2s), val_fraction=config.val_fraction)
+  results = {"workdir": os.path.abspath(workdir), "model": cfg.to_dict(),
+             "data": dict(config.data), "reading": config.reading,
+             "n_train": len(labels["train"]), "n_test": len(labels["test"])}
+  table = results["pretrained"] = probe_layers(load_layer(""), layers, **opts)
+  best = table["best_layer"]
+  summary = {"best_layer": best, "pretrained": table["best_accuracy"]}
+  logging.info("best layer %d: %.2f%%", best, 100 * table["best_accuracy"])
+  if config.concat_k > 1 and len(layers) == cfg.n_layer + 1:
+    results["concat"] = concat_layers(load_layer(""), best, config.concat_k, cfg.n_layer, **opts)
+    summary["concat"] = results["concat"]["accuracy"]
+  if config.low_data.sizes:
+    results["low_data"] = low_data_probe(*load_layer("")(best),
+                                         sizes=tuple(config.low_data.sizes),
+                                         seeds=config.low_data.seeds,
+                                         balanced=config.low_data.balanced, **opts)
+  curves = {"pretrained": {l: r["accuracy"] for l, r in table["layers"].items()}}
+  flat = {}
+  if baselines:
+    random = probe_layers(load_layer("random_"), layers, **opts)
+    results["baselines"] = {"random_init": random}
+    curves["random init"] = {l: r["accuracy"] for l, r in random["layers"].items()}
+    summary["random_init"] = random["best_accuracy"]
+    for kind in PIXEL_KINDS:
+      r = results["baselines"][f"pixels_{kind}"] = linear_probe(*load(f"pixels_{kind}"), **opts)
+      flat[f"pixels ({kind})"] = summary[f"pixels_{kind}"] = r["accuracy"]
+  results["summary"] = summary
+  write_json(os.path.join(out_dir, "results.json"), results)
+  plot_accuracy(os.path.join(out_dir, "accuracy_by_layer.png"), curves, flat)
+  logging.info("summary: %s", summary)
+  return results

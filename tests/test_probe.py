@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from experiments import probe_cifar10_tiny as probe_tiny
+from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe
 
@@ -117,3 +119,57 @@ def test_pixel_features():
   assert probe.pixel_features(tokens, pal, CFG.n_px, "rgb").shape == (3, CFG.n_ctx * 3)
   with pytest.raises(ValueError, match="kind"):
     probe.pixel_features(tokens, pal, CFG.n_px, "hog")
+
+
+@pytest.fixture(scope="module")
+def run_dir(params, tmp_path_factory):
+  """A weights-only checkpoint of CFG and a tiny labelled .npz of 8x8 images (4 classes)."""
+  root = tmp_path_factory.mktemp("probe_run")
+  rng = np.random.default_rng(0)
+  labels = np.arange(48, dtype=np.int32) % 4
+  # Class c is brighter in channel c % 3: learnable from pixels and from features.
+  images = rng.integers(0, 100, (48, 8, 8, 3)).astype(np.uint8)
+  images[np.arange(48), :, :, labels % 3] += 120
+  np.savez(root / "tiny.npz", images=images, labels=labels)
+  np.savez(root / "unlabelled.npz", images=images, labels=np.full(48, -1, np.int32))
+  palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  ckpt_lib.save_params(str(root / "run"), CFG, params, palette)
+  return root
+
+
+def _probe_config(root, **overrides):
+  config = probe_tiny.get_config()
+  config.data = dict(name=str(root / "tiny.npz"), train_split="train[:32]",
+                     eval_split="train[32:]")
+  config.batch_size = 8
+  config.l2s = (1e-2, 1e-1)
+  config.low_data = dict(sizes=(8,), seeds=2, balanced=True)
+  config.update(overrides)
+  return config
+
+
+def test_run_writes_results_plot_and_baselines(run_dir):
+  results = probe.run(_probe_config(run_dir), str(run_dir / "run"), baselines=True)
+  out = run_dir / "run" / "probe"
+  saved = json.load(open(out / "results.json"))
+  assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+  assert set(saved["summary"]) == {"best_layer", "pretrained", "concat", "random_init",
+                                   "pixels_histogram", "pixels_rgb"}
+  assert len(saved["pretrained"]["layers"]) == CFG.n_layer + 1
+  assert (saved["n_train"], saved["n_test"]) == (32, 16)
+  assert (out / "accuracy_by_layer.png").stat().st_size > 1000
+  feats = np.load(out / "features" / "test_layer01.npy")
+  assert feats.shape == (16, CFG.n_embd)
+  assert np.load(out / "features" / "train_pixels_histogram.npy").shape == (32, CFG.vocab_size)
+
+
+def test_run_start_up_errors(run_dir):
+  workdir = str(run_dir / "run")
+  with pytest.raises(ValueError, match="n_layer"):
+    probe.run(_probe_config(run_dir, model=dict(CFG.to_dict(), n_layer=3)), workdir)
+  with pytest.raises(ValueError, match="out of range"):
+    probe.run(_probe_config(run_dir, layers=(0, CFG.n_layer + 1)), workdir)
+  config = _probe_config(run_dir)
+  config.data.name = str(run_dir / "unlabelled.npz")
+  with pytest.raises(ValueError, match="unlabelled"):
+    probe.run(config, workdir)

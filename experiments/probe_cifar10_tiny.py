@@ -1,0 +1,31 @@
+r"""CPU probe of the README demo run (experiments/cifar10_tiny.py), in minutes on 2 cores.
+
+  python -m launch.probe --config experiments/probe_cifar10_tiny.py --workdir /tmp/igpt_tiny \
+      --baselines
+
+Held-out convention: test = train[45000:] (5,000 images). To stay within CPU minutes the probe
+trains on the first 10,000 of the 45,000 training images (probe_cifar10.py uses all of them).
+"""
+
+import os
+
+import ml_collections
+
+_LOCAL = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                       "shared", "data", "cifar10", "train.npz"))
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.data = dict(name=_LOCAL if os.path.exists(_LOCAL) else "cifar10",
+                train_split="train[:10000]", eval_split="train[45000:]")
+  c.model = {}  # empty: whatever the checkpoint holds; else fields it must match
+  c.layers = ()  # empty: all, 0..n_layer
+  c.reading = "ln1"
+  c.batch_size = 256
+  c.l2s = (1e-4, 1e-3, 1e-2, 1e-1)
+  c.val_fraction = 0.1
+  c.concat_k = 3
+  c.low_data = dict(sizes=(40, 250, 4000), seeds=5, balanced=True)
+  c.random_init_seed = 0
+  return c
