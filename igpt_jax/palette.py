@@ -45,10 +45,10 @@ def _check_images(images) -> None:
 
 @jax.jit
 def _nearest(points, palette):  # [N, 3], [k, 3] -> int32 [N]
-  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre, so it drops out.
-  # HIGHEST keeps the 3-term dot exact on TPU/GPU, where the default would round to bf16.
-  scores = jnp.sum(palette * palette, axis=-1) - 2.0 * jnp.dot(
-      points, palette.T, precision=jax.lax.Precision.HIGHEST)
+  # Exact squared distances, channel by channel in a fixed order, rather than the matmul form
+  # |c|^2 - 2 x.c: a dot rounds differently on each backend (and in TF), which flips near-ties,
+  # while these plain float32 ops give the same ids in JAX and in the tf.data graph (data.py).
+  scores = sum((points[:, i:i + 1] - palette[None, :, i]) ** 2 for i in range(3))
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
