@@ -46,22 +46,25 @@ LN2 = math.log(2.0)
 
 # -- optimizer --------------------------------------------------------------------------------
 
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
+                  schedule: str = "cosine") -> optax.Schedule:
+  """Linear warm-up from 0 to lr over warmup_steps, then cosine to 0 at total_steps or constant."""
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps,
+                                              max(total_steps, warmup_steps + 1), 0.0)
+  if schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
+                                 optax.constant_schedule(lr)], [warmup_steps])
+  raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'constant'")
+
+
 def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, grad_clip: float = 0.0,
                    schedule: str = "cosine") -> optax.GradientTransformation:
-  """The paper's Adam (b1 .9, b2 .95: .999 spiked; no weight decay).
+  """The paper's Adam (b1 .9, b2 .95: .999 spiked; no weight decay) on `make_schedule`.
 
-  schedule "cosine": linear warm-up to lr, then cosine to 0 at total_steps; "constant": warm-up
-  then lr (fine-tuning). grad_clip > 0 clips the global gradient norm first.
+  grad_clip > 0 clips the global gradient norm first.
   """
-  if schedule == "cosine":
-    lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps,
-                                               max(total_steps, warmup_steps + 1), 0.0)
-  elif schedule == "constant":
-    lr_fn = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
-                                  optax.constant_schedule(lr)], [warmup_steps])
-  else:
-    raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'constant'")
-  adam = optax.adam(lr_fn, b1=0.9, b2=0.95)
+  adam = optax.adam(make_schedule(lr, total_steps, warmup_steps, schedule), b1=0.9, b2=0.95)
   return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
 
 
@@ -182,7 +185,10 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, shardings:
     grads, metrics = gradients(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    # The update's norm shows a non-finite step before the next loss does (checkpoints hold
+    # the parameters after the update).
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
@@ -302,17 +308,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                dict(mesh.shape))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop:
+    # The input comes first: a bad dataset or split stops the run before any compile.
+    start = mngr.latest_step() or 0
+    train_iter, eval_iters = _datasets(config, cfg, palette, start)
     shardings = state_shardings(cfg, tx, mesh)
-    if mngr.latest_step() is not None:
+    if start:
       abstract = abstract_train_state(cfg, tx, mesh)
       params, opt_state, meta = ckpt_lib.restore(mngr, abstract.params, abstract.opt_state, cfg)
-      state = TrainState(step=jax.device_put(jnp.int32(meta["data_position"]), shardings.step),
-                         params=params, opt_state=opt_state)
+      if meta["data_position"] != start:
+        raise ValueError(f"checkpoint {start} records data position {meta['data_position']}")
+      state = TrainState(step=jax.device_put(jnp.int32(start), shardings.step), params=params,
+                         opt_state=opt_state)
       logging.info("resumed from step %d of %s", meta["step"], mngr.directory)
     else:
       state = create_train_state(cfg, tx, mesh, jax.random.key(config.seed))
-    start = int(state.step)
-    train_iter, eval_iters = _datasets(config, cfg, palette, start)
     train_step = make_train_step(loss_fn(cfg), tx, shardings, accum_steps=config.accum_steps,
                                  seed=config.seed)
     eval_step = make_eval_step(cfg)
@@ -347,15 +356,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if not (any(due.values()) or preempted):
         continue
 
-      # Host sync: every pending loss must be finite before anything is logged or saved.
+      # Host sync: every pending step must be finite before anything is logged or saved.
       fetched = jax.device_get(pending)
       pending = []
       for s, m in fetched:
-        if not np.isfinite(m["loss"]):
+        if not (np.isfinite(m["loss"]) and np.isfinite(m["update_norm"])):
           mngr.wait_until_finished()
           raise FloatingPointError(
-              f"non-finite training loss {m['loss']} at step {s}; the last good checkpoint is "
-              f"step {mngr.latest_step()} in {mngr.directory}")
+              f"non-finite training step at step {s} (loss {m['loss']}, update norm "
+              f"{m['update_norm']}); the last good checkpoint is step {mngr.latest_step()} "
+              f"in {mngr.directory}")
       if due["log"] or preempted:
         now = time.perf_counter()
         steps_per_s = (step - step_log) / (now - t_log)

@@ -1,0 +1,220 @@
+"""Optimizer, losses, the training loop's outputs, exact resume, and start-up errors."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from igpt_jax import checkpoint
+from igpt_jax import model as model_lib
+from igpt_jax import palette as palette_lib
+from igpt_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny_test.py"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A 64-image .npz (8x8 smooth random images) and a 16-colour palette."""
+  d = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  coarse = rng.integers(0, 256, (64, 2, 2, 3))
+  images = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
+  np.savez(d / "images.npz", images=images, labels=rng.integers(0, 10, 64))
+  palette_lib.save_palette(d / "palette.npy", rng.uniform(-1, 1, (16, 3)).astype(np.float32))
+  return d / "images.npz", d / "palette.npy"
+
+
+def tiny_config(files, **overrides):
+  spec = importlib.util.spec_from_file_location("tiny_test", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.name, config.palette = str(files[0]), str(files[1])
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  """{step: record}; a step logged twice (before and after a resume) keeps its last record."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+  lr = train.make_schedule(1e-3, total_steps=100, warmup_steps=10)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(55)), 5e-4, rtol=1e-5)  # half-way down the cosine
+  assert abs(float(lr(100))) < 1e-12
+  const = train.make_schedule(1e-3, total_steps=100, warmup_steps=10, schedule="constant")
+  np.testing.assert_allclose([float(const(s)) for s in (5, 10, 100)], [5e-4, 1e-3, 1e-3],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="schedule"):
+    train.make_schedule(1e-3, 10, schedule="linear")
+
+
+def test_optimizer_is_adam_b2_095_with_clipping():
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.array([300.0, 400.0, 0.0])}  # norm 500
+  tx = train.make_optimizer(0.1, total_steps=10, grad_clip=1.0)
+  ref = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adam(train.make_schedule(0.1, 10), b1=0.9, b2=0.95))
+  s, r = tx.init(params), ref.init(params)
+  for _ in range(3):
+    u, s = tx.update(grads, s, params)
+    v, r = ref.update(grads, r, params)
+    np.testing.assert_allclose(u["w"], v["w"], rtol=1e-6)
+
+
+def test_losses_at_init_and_bert_masking():
+  cfg = model_lib.IGPTConfig(n_px=4, n_layer=1, n_embd=16, n_head=2, vocab_size=16)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
+  rng = jax.random.key(2)
+  # The output table starts at zero, so every prediction is uniform.
+  np.testing.assert_allclose(train.example_losses(cfg, params, tokens, rng), math.log(16),
+                             rtol=1e-6)
+  bert = cfg.replace(objective="bert")
+  params = jax.tree.map(lambda p: p + 0.1, model_lib.init_params(bert, jax.random.key(0)))
+  mask = model_lib.draw_bert_mask(rng, tokens.shape)
+  logits = model_lib.IGPT(bert).apply({"params": params}, tokens, bert_mask=mask)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+  want = [ce[i][mask[i]].mean() for i in range(4)]  # masked positions only, per example
+  np.testing.assert_allclose(train.example_losses(bert, params, tokens, rng), want, rtol=1e-5)
+  loss, metrics = train.loss_fn(bert)(params, {"tokens": tokens}, rng)
+  np.testing.assert_allclose(metrics["bits_per_token"], loss / math.log(2), rtol=1e-6)
+
+
+def test_eval_step_ignores_padding():
+  cfg = model_lib.IGPTConfig(n_px=4, n_layer=1, n_embd=16, n_head=2, vocab_size=16)
+  params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
+  per_example = train.example_losses(cfg, params, tokens, None)
+  valid = jnp.array([True, True, False, False])
+  total, count = train.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
+  assert float(count) == 2
+  np.testing.assert_allclose(total, per_example[:2].sum(), rtol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path):
+  # lr 1e15: the first update is finite but huge, and attention scores overflow soon after.
+  config = tiny_config(files, lr=1e15, warmup_steps=0, checkpoint_every=1)
+  with pytest.raises(FloatingPointError, match="non-finite") as err:
+    train.train_and_evaluate(config, str(tmp_path))
+  bad, good = map(int, re.search(r"at step (\d+) .* last good checkpoint is step (\d+)",
+                                 str(err.value)).groups())
+  assert bad >= 2 and good == bad - 1
+  assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == good
+  _, params, _ = checkpoint.load(str(tmp_path))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=6), "batch_size=6"),
+    (dict(model=dict(n_px=4, n_layers=2, n_embd=32, n_head=2, vocab_size=16)), "n_layers"),
+    (dict(model=dict(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=32)), "palette"),
+])
+def test_bad_config_stops_at_start(files, tmp_path, change, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(files, **change), str(tmp_path))
+  assert not checkpoint.manager(str(tmp_path)).all_steps()
+
+
+def test_bad_data_stops_at_start(files, tmp_path):
+  config = tiny_config(files)
+  config.data.name = "no_such_dataset"
+  with pytest.raises(ValueError, match="unknown dataset"):
+    train.train_and_evaluate(config, str(tmp_path))
+  np.savez(tmp_path / "gray.npz", images=np.zeros((64, 8, 8), np.uint8),
+           labels=np.zeros(64, np.int32))
+  config.data.name = str(tmp_path / "gray.npz")
+  with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+# -- end to end through launch/train.py, with preemption ------------------------------------
+
+STEPS = 60
+
+
+def launch(files, workdir, **extra):
+  args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
+          f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
+          f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
+          "--config.eval_every=30", f"--config.sample_every={STEPS}"]
+  args += [f"--config.{k}={v}" for k, v in extra.items()]
+  return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def interrupt(proc, workdir, sig, after_step):
+  """Sends sig once metrics.jsonl shows after_step; -> the process's stderr."""
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(
+        read_metrics(workdir), default=0) >= after_step:
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  _, err = proc.communicate(timeout=300)
+  return err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(files, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = launch(files, workdir)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  return workdir
+
+
+def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
+  metrics = read_metrics(uninterrupted)
+  assert sorted(metrics) == list(range(1, STEPS + 1))
+  assert all(math.isfinite(r["train_loss"]) for r in metrics.values())
+  assert "eval_loss" in metrics[30] and "eval_loss" in metrics[STEPS]
+  assert metrics[STEPS]["train_loss"] < math.log(16) - 0.5
+  files = os.listdir(uninterrupted)
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  assert f"samples_{STEPS:07d}.png" in files
+  cfg, params, palette = checkpoint.load(str(uninterrupted))
+  assert cfg.n_px == 4 and palette.shape == (16, 3)
+  assert checkpoint.manager(str(uninterrupted), read_only=True).latest_step() == STEPS
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
+  proc = launch(files, tmp_path)
+  err = interrupt(proc, tmp_path, sig, after_step=15)
+  if sig == signal.SIGTERM:  # saves at the next step boundary and exits cleanly
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted: saved step" in err
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  resumed_from = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
+  assert 10 <= resumed_from < STEPS
+  proc = launch(files, tmp_path)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert f"resumed from step {resumed_from}" in err
+
+  want, got = read_metrics(uninterrupted), read_metrics(tmp_path)
+  steps = range(resumed_from + 1, STEPS + 1)
+  np.testing.assert_allclose([got[s]["train_loss"] for s in steps],
+                             [want[s]["train_loss"] for s in steps], rtol=0, atol=1e-6)
