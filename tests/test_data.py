@@ -1,0 +1,216 @@
+"""Input pipelines: sources, splits, augmentation, in-graph quantization, resume, hosts, errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from igpt_jax import data, palette as palette_lib
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def _tokens(cfg, **kw):
+  kw = {"split": "train", "batch_size": 4, "n_px": 8, "train": True, **kw}
+  return data.make_dataset(cfg, palette=PALETTE, **kw)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+# A small palette that spreads colours over many ids, so different pixels give different tokens.
+PALETTE = np.random.default_rng(0).uniform(-1, 1, (64, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory, cifar10_sample):
+  """24 real 32x32 images whose labels are their indices (labels identify examples)."""
+  path = tmp_path_factory.mktemp("npz") / "real.npz"
+  np.savez(path, images=cifar10_sample[0][:24], labels=np.arange(24))
+  return {"name": str(path), "augment": "none", "shuffle_buffer": 24}
+
+
+def test_import_does_not_load_tensorflow():
+  out = subprocess.run(
+      [sys.executable, "-c", "import sys, igpt_jax.data; print('tensorflow' in sys.modules)"],
+      capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.stdout.strip() == "False"
+
+
+def test_quantize_in_graph_equals_palette_quantize(cifar10_sample, tmp_path):
+  images = cifar10_sample[0][:256]
+  pal = palette_lib.fit_palette(images, 512, steps=30, batch_size=8192)
+  path = tmp_path / "q.npz"
+  np.savez(path, images=images, labels=np.arange(256))
+  batches = data.make_dataset({"name": str(path)}, split="train", batch_size=64, palette=pal,
+                              n_px=32, train=False)
+  tokens = np.concatenate([b["tokens"] for b in batches])
+  np.testing.assert_array_equal(tokens, np.asarray(palette_lib.quantize(images, pal)))
+
+
+def test_eval_is_one_ordered_padded_pass(npz):
+  batches = list(_tokens(npz, split="train[:10]", batch_size=4, train=False))
+  assert len(batches) == 3
+  valid = np.concatenate([b["valid"] for b in batches])
+  labels = np.concatenate([b["labels"] for b in batches])
+  np.testing.assert_array_equal(valid, np.arange(12) < 10)
+  np.testing.assert_array_equal(labels[:10], np.arange(10))
+  assert all(b["tokens"].shape == (4, 64) and b["tokens"].dtype == np.int32 for b in batches)
+
+
+def test_split_syntax(npz):
+  def labels(split):
+    batches = _tokens(npz, split=split, batch_size=2, train=False)
+    return np.concatenate([b["labels"][b["valid"]] for b in batches])
+  np.testing.assert_array_equal(labels("train[20:]"), [20, 21, 22, 23])
+  np.testing.assert_array_equal(labels("train[:2]+train[-2:]"), [0, 1, 22, 23])
+  np.testing.assert_array_equal(labels("train[:25%]"), np.arange(6))
+
+
+def test_train_epochs_are_permutations(npz):
+  epochs = np.concatenate([b["labels"] for b in _take(_tokens(npz), 12)]).reshape(2, 24)
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(24))
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+  assert not np.array_equal(epochs[0], np.arange(24))
+
+
+def test_train_stream_is_a_function_of_seed(npz):
+  cfg = {**npz, "augment": "cifar"}
+  a, b, c = (_take(_tokens(cfg, seed=s), 3) for s in (1, 1, 2))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  assert not all(np.array_equal(x["labels"], z["labels"]) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("start_step", [3, 7])  # mid-epoch, and into the second epoch
+def test_resume_continues_the_stream_exactly(npz, start_step):
+  cfg = {**npz, "augment": "cifar", "shuffle_buffer": 8}
+  full = _take(_tokens(cfg, batch_size=5, seed=3), start_step + 3)
+  resumed = _take(_tokens(cfg, batch_size=5, seed=3, start_step=start_step), 3)
+  for x, y in zip(full[start_step:], resumed):
+    np.testing.assert_array_equal(x["labels"], y["labels"])
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])  # same augmentation draws too
+
+
+def test_hosts_read_disjoint_halves(npz):
+  epoch = [np.concatenate([b["labels"] for b in _take(
+      _tokens(npz, batch_size=4, process_index=i, process_count=2), 6)]) for i in (0, 1)]
+  assert all(len(set(e)) == 12 for e in epoch)  # one full pass of 12 examples each
+  assert not set(epoch[0]) & set(epoch[1])
+  assert set(epoch[0]) | set(epoch[1]) == set(range(24))
+
+
+def test_eval_hosts_yield_equal_batch_counts(npz):
+  # 10 examples over 3 hosts: 4, 3, 3. Every host must step the same number of times.
+  runs = [list(_tokens(npz, split="train[:10]", batch_size=6, train=False, process_index=i,
+                       process_count=3)) for i in range(3)]
+  assert [len(r) for r in runs] == [2, 2, 2]
+  labels = np.concatenate([b["labels"][b["valid"]] for r in runs for b in r])
+  np.testing.assert_array_equal(np.sort(labels), np.arange(10))
+
+
+def _preprocess(image, augment, n_px, seed):
+  seed = None if seed is None else tf.constant([0, seed], tf.int64)
+  return data._preprocess(tf.constant(image), augment, n_px, seed).numpy()
+
+
+def test_area_resize_averages_blocks(cifar10_sample):
+  image = cifar10_sample[0][0]
+  want = np.rint(image.reshape(8, 4, 8, 4, 3).astype(np.float64).mean((1, 3)))
+  np.testing.assert_allclose(_preprocess(image, "none", 8, None), want, atol=1)
+
+
+def test_cifar_augment_is_a_padded_crop_or_its_mirror(cifar10_sample):
+  image = cifar10_sample[0][1]
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+  views = [v for y in range(9) for x in range(9)
+           for v in (padded[y:y + 32, x:x + 32], padded[y:y + 32, x:x + 32][:, ::-1])]
+  outs = [_preprocess(image, "cifar", 32, s) for s in range(6)]
+  for out in outs:
+    assert any(np.array_equal(out, v) for v in views)
+  assert len({o.tobytes() for o in outs}) > 1
+  np.testing.assert_array_equal(_preprocess(image, "cifar", 32, None), image)  # eval: untouched
+
+
+def test_imagenet_augment_crops_then_downscales():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+  outs = [_preprocess(image, "imagenet", 16, s) for s in range(4)]
+  assert all(o.shape == (16, 16, 3) and o.dtype == np.uint8 for o in outs)
+  assert len({o.tobytes() for o in outs}) == 4
+  np.testing.assert_array_equal(outs[0], _preprocess(image, "imagenet", 16, 0))
+  # Eval: the centre 300x300 square (the paper's short side 224 + centre crop), downscaled.
+  want = np.rint(image[:, 50:350].astype(np.float64).reshape(15, 20, 15, 20, 3).mean((1, 3)))
+  np.testing.assert_allclose(_preprocess(image, "imagenet", 15, None), want, atol=1)
+
+
+def test_local_npz_directory_and_image_folder(tmp_path, cifar10_sample):
+  images, labels = cifar10_sample
+  npz_dir = tmp_path / "shards"
+  npz_dir.mkdir()
+  np.savez(npz_dir / "train-0.npz", images=images[:5], labels=labels[:5])
+  np.savez(npz_dir / "train-1.npz", images=images[5:8], labels=labels[5:8])
+  np.savez(npz_dir / "test.npz", images=images[8:10], labels=labels[8:10])
+  got, got_labels = data.load_images({"name": str(npz_dir)}, "train")
+  np.testing.assert_array_equal(got, images[:8])
+  np.testing.assert_array_equal(got_labels, labels[:8])
+  assert len(data.load_images({"name": str(npz_dir)}, "test")[0]) == 2
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i, cls in enumerate(["cat", "cat", "dog"]):
+    os.makedirs(tmp_path / "folder" / cls, exist_ok=True)
+    Image.fromarray(images[i]).save(tmp_path / "folder" / cls / f"{i}.png")
+  got, got_labels = data.load_images({"name": str(tmp_path / "folder")}, "train")
+  np.testing.assert_array_equal(got, images[:3])
+  np.testing.assert_array_equal(got_labels, [0, 0, 1])
+  np.savez(tmp_path / "same.npz", images=images[:3], labels=[0, 0, 1])
+  from_folder, from_npz = (next(_tokens({"name": str(tmp_path / n)}, batch_size=3, train=False))
+                           for n in ("folder", "same.npz"))
+  for key in ("tokens", "labels", "valid"):
+    np.testing.assert_array_equal(from_folder[key], from_npz[key])
+
+
+@pytest.mark.parametrize("name", ["imagenet2012", "imagenet_resized/32x32", "cifar10"])
+def test_tfds_pipelines_on_mock_data(name):
+  # mock_data ignores the split (every host and split sees the same fake examples).
+  with tfds.testing.mock_data(num_examples=6):
+    cfg = {"name": name, "augment": "imagenet" if "imagenet" in name else "cifar"}
+    a = _take(_tokens(cfg, n_px=8, seed=5), 4)
+    b = _take(_tokens(cfg, n_px=8, seed=5, start_step=2), 2)
+    images, labels = data.load_images(cfg, "train", 5, n_px=8)
+  assert a[0]["tokens"].shape == (4, 64)
+  np.testing.assert_array_equal(a[2]["tokens"], b[0]["tokens"])
+  np.testing.assert_array_equal(a[3]["labels"], b[1]["labels"])
+  assert images.shape == (5, 8, 8, 3) and labels.shape == (5,)
+
+
+@pytest.mark.parametrize("cfg, kw, match", [
+    ({"name": "imagenet9000"}, {}, "imagenet2012, imagenet_resized/32x32"),
+    ({"name": "/no/such/images.npz"}, {}, "no such local file"),
+    ({"name": "cifar10", "data_dir": "/no/such/dir"}, {}, "data_dir"),
+    ({"name": "cifar10", "shuffle_bufer": 5}, {}, "shuffle_bufer"),
+    ({"name": "cifar10", "augment": "flip"}, {}, "augment"),
+    (None, {"palette": np.zeros((512, 4), np.float32)}, "palette"),
+    (None, {"batch_size": 5, "process_index": 0, "process_count": 2}, "multiple"),
+    (None, {"split": "test"}, "only split"),
+])
+def test_bad_input_is_a_clear_error(npz, cfg, kw, match):
+  with pytest.raises(ValueError, match=match):
+    next(data.make_dataset(cfg or npz, **{"split": "train", "batch_size": 4, "n_px": 8,
+                                          "train": True, "palette": PALETTE, **kw}))
+
+
+@pytest.mark.parametrize("images", [
+    np.zeros((4, 8, 8), np.uint8),  # grayscale
+    np.zeros((4, 8, 8, 3), np.float32),
+    np.zeros((4, 8, 8, 4), np.uint8),
+])
+def test_wrong_image_arrays_are_rejected(tmp_path, images):
+  np.savez(tmp_path / "bad.npz", images=images, labels=np.zeros(4, int))
+  with pytest.raises(ValueError, match=r"uint8 \[N, H, W, 3\]"):
+    data.load_images({"name": str(tmp_path / "bad.npz")}, "train")
