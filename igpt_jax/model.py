@@ -30,8 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from igpt_jax import attention as attention_lib
+
 OBJECTIVES = ("ar", "bert")
-ATTENTIONS = ("xla", "cudnn", "auto")
+ATTENTIONS = attention_lib.IMPLEMENTATIONS
 REMATS = ("none", "full", "dots")
 READINGS = ("ln1", "residual")
 BERT_MASK_PROB = 0.15
@@ -48,8 +50,9 @@ class IGPTConfig:
     matmul outputs without batch dims).
   scan_layers: stack the blocks' parameters on a leading `layers` axis and run them with
     `nn.scan` (one compiled block: compile time independent of depth).
-  attention: implementation passed to `jax.nn.dot_product_attention`: "xla", "cudnn" (flash
-    attention on NVIDIA GPUs, needs bf16/fp16) or "auto" (let JAX choose).
+  attention: "blocked" (causal query blocks that skip the upper triangle, `igpt_jax.attention`;
+    fastest on CPU), "xla" (`jax.nn.dot_product_attention`), "cudnn" (flash attention on NVIDIA
+    GPUs, needs bf16/fp16) or "auto" (cudnn on GPU in 16 bit, xla on GPU in fp32, else blocked).
   n_classes: > 0 adds the fine-tuning classifier head (mean of the ln_f output, zero init).
   """
 
@@ -64,7 +67,7 @@ class IGPTConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   scan_layers: bool = False
-  attention: str = "xla"
+  attention: str = "auto"
   norm_eps: float = 1e-5
 
   def __post_init__(self):
@@ -205,9 +208,8 @@ class Attention(nn.Module):
     q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv")) for t in qkv)
 
     if decode_index is None:
-      impl = None if cfg.attention == "auto" else cfg.attention
-      y = jax.nn.dot_product_attention(q, k, v, is_causal=cfg.objective == "ar",
-                                       implementation=impl)
+      y = attention_lib.attention(q, k, v, causal=cfg.objective == "ar",
+                                  implementation=cfg.attention)
     else:
       y = self._cached_attention(q, k, v, decode_index)
     y = nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))

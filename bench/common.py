@@ -1,0 +1,63 @@
+"""Shared pieces of the bench scripts: model FLOPs, the device's matmul peak, timing, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from igpt_jax.model import IGPTConfig, param_count
+
+
+def matmul_params(cfg: IGPTConfig) -> int:
+  """Parameters that are matmul weights: everything but the lookups (wte, wpe, sos).
+
+  The untied head wtet [V, D] is a real matmul and counts, as in PaLM's MFU.
+  """
+  return param_count(cfg) - cfg.vocab_size * cfg.n_embd - cfg.n_ctx * cfg.n_embd - cfg.n_embd
+
+
+def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
+  """Model FLOPs per token (PaLM appendix B): 6 N + 12 L T D for fwd + bwd, 2 N + 4 L T D fwd.
+
+  N = `matmul_params`; the attention term counts the full [T, T] score and value matmuls (no
+  causal discount), so blocked attention that skips the upper triangle shows up as higher MFU.
+  """
+  n, attn = matmul_params(cfg), cfg.n_layer * cfg.n_ctx * cfg.n_embd
+  return 6 * n + 12 * attn if backward else 2 * n + 4 * attn
+
+
+def peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of the best of `reps` jitted [n, n] @ [n, n] matmuls on the default device."""
+  a = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def random_tokens(cfg: IGPTConfig, batch: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.n_ctx), np.int32)
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind} x{jax.device_count()} ({os.cpu_count()} host cores)"
+
+
+def load() -> float:
+  """1-minute load average (other jobs on a shared CPU skew timings)."""
+  return os.getloadavg()[0]
+
+
+def emit(record: dict) -> None:
+  """The bench contract: one JSON object as the last line of stdout."""
+  print(json.dumps(record, sort_keys=True), flush=True)

@@ -1,0 +1,133 @@
+"""Tokens/s and MFU of the jitted train step (fwd + bwd + Adam), optionally against HF ImageGPT.
+
+  python -m bench.train_step --peer                       # reference CPU shape, vs transformers
+  python -m bench.train_step --n_layer 24 --n_embd 512 --batch 32 --dtype bfloat16  # iGPT-S, GPU
+
+MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L T D (bench/common.py)
+and peak the float32 (or bf16) matmul rate measured in the same run on the same device.
+The last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import optax
+
+from bench import common
+from igpt_jax.model import IGPT, IGPTConfig, init_params
+
+flags.DEFINE_integer("n_px", 32, "image side; T = n_px**2")
+flags.DEFINE_integer("n_layer", 8, "blocks")
+flags.DEFINE_integer("n_embd", 256, "width D")
+flags.DEFINE_integer("n_head", 8, "heads")
+flags.DEFINE_integer("batch", 8, "images per step")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (params fp32)")
+flags.DEFINE_string("attention", "auto", "IGPTConfig.attention")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "IGPTConfig.remat")
+flags.DEFINE_bool("scan", False, "IGPTConfig.scan_layers")
+flags.DEFINE_integer("steps", 5, "timed steps (after one compile/warm-up step)")
+flags.DEFINE_bool("peer", False, "also time HF ImageGPTForCausalImageModeling (torch, CPU)")
+FLAGS = flags.FLAGS
+
+LR = 3e-4
+
+
+def make_step(cfg):
+  tx = optax.adam(LR, b1=0.9, b2=0.95)
+
+  def loss_fn(params, tokens):
+    logits = IGPT(cfg).apply({"params": params}, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, tokens):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return tx, step
+
+
+def time_ours(cfg, batch, steps):
+  """-> (seconds per step, compile+first step seconds, first loss, last loss)."""
+  tx, step = make_step(cfg)
+  params = init_params(cfg, jax.random.key(0))
+  state = (params, tx.init(params))
+  tokens = jnp.asarray(common.random_tokens(cfg, batch))
+  t0 = time.perf_counter()
+  state, loss = step(state, tokens)
+  first = float(loss)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, loss = step(state, tokens)
+  last = float(loss)  # the only host sync: after the timed loop
+  return (time.perf_counter() - t0) / steps, compile_s, first, last
+
+
+def time_peer(cfg, batch, steps):
+  """Seconds per step of HF ImageGPT on CPU, same shape, batch and random tokens."""
+  import torch
+  from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  hf_cfg = ImageGPTConfig(vocab_size=cfg.vocab_size + 1, n_positions=cfg.n_ctx,
+                          n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
+  model = ImageGPTForCausalImageModeling(hf_cfg).train()
+  opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.95))
+  tokens = torch.from_numpy(common.random_tokens(cfg, batch)).long()
+
+  def step():
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  step()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return (time.perf_counter() - t0) / steps, model.config._attn_implementation
+
+
+def main(_):
+  cfg = IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
+                   n_head=FLAGS.n_head, dtype=FLAGS.dtype, attention=FLAGS.attention,
+                   remat=FLAGS.remat, scan_layers=FLAGS.scan)
+  tokens_per_step = FLAGS.batch * cfg.n_ctx
+  load_before = common.load()
+  peak = common.peak_flops("bfloat16" if FLAGS.dtype == "bfloat16" and
+                           jax.default_backend() != "cpu" else "float32")
+  sec, compile_s, loss0, loss1 = time_ours(cfg, FLAGS.batch, FLAGS.steps)
+  ours = tokens_per_step / sec
+  record = dict(
+      bench="train_step", device=common.device_name(), n_px=cfg.n_px, n_ctx=cfg.n_ctx,
+      n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, batch=FLAGS.batch,
+      dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat, scan=cfg.scan_layers,
+      steps=FLAGS.steps, ours_tokens_per_s=round(ours, 1), step_s=round(sec, 4),
+      compile_s=round(compile_s, 2), loss_first=round(loss0, 4), loss_last=round(loss1, 4),
+      flops_per_token=common.flops_per_token(cfg), peak_flops=round(peak / 1e9, 1) * 1e9,
+      mfu=round(ours * common.flops_per_token(cfg) / peak, 4))
+  print(f"ours: {ours:.0f} tokens/s ({sec:.3f} s/step, compile {compile_s:.1f} s, "
+        f"MFU {record['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s)", flush=True)
+  if FLAGS.peer:
+    peer_sec, peer_attn = time_peer(cfg, FLAGS.batch, FLAGS.steps)
+    peer = tokens_per_step / peer_sec
+    record.update(peer="transformers ImageGPTForCausalImageModeling", peer_attention=peer_attn,
+                  peer_tokens_per_s=round(peer, 1), ratio=round(ours / peer, 2),
+                  peer_mfu=round(peer * common.flops_per_token(cfg) / peak, 4))
+    print(f"peer: {peer:.0f} tokens/s ({peer_attn} attention), ratio {ours / peer:.2f}x",
+          flush=True)
+  record.update(load_before=round(load_before, 2), load_after=round(common.load(), 2))
+  common.emit(record)
+
+
+if __name__ == "__main__":
+  app.run(main)
