@@ -1,5 +1,7 @@
 """Fine-tuning: the sharded step lowers the classifier loss; BERT k-mask modal predictions."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -66,3 +68,30 @@ def test_bert_k_mask_prediction_is_the_modal_class():
   modal = [np.argmax(np.bincount(col, minlength=3)) for col in per_mask.T]
   np.testing.assert_array_equal(got, modal)
   assert len({tuple(p) for p in per_mask}) > 1  # the masks do change predictions
+
+
+def test_finetune_end_to_end_keeps_the_best_model(tmp_path):
+  from experiments import finetune_cifar10_tiny
+  from igpt_jax import checkpoint
+
+  separable = _separable(48, 3)
+  # 2x2 images whose 4 pixels are the first 4 tokens, in a palette of 16 grey levels.
+  palette = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
+  images = np.rint(127.5 * (palette[separable["tokens"][:, :4]] + 1)).astype(np.uint8)
+  np.savez(tmp_path / "tiny.npz", images=images.reshape(48, 2, 2, 3), labels=separable["labels"])
+  cfg = BASE.replace(n_px=2)
+  checkpoint.save_params(str(tmp_path / "pre"), cfg, model_lib.init_params(cfg, jax.random.key(0)),
+                         palette)
+  config = finetune_cifar10_tiny.get_config()
+  config.init_workdir = str(tmp_path / "pre")
+  config.data = dict(name=str(tmp_path / "tiny.npz"), train_split="train[:32]",
+                     eval_split="train[32:40]", augment="none")
+  config.test_split = "train[40:]"
+  config.update(dict(n_classes=2, batch_size=8, total_steps=6, eval_every=2, patience=5, lr=1e-2))
+  results = finetune.finetune(config, str(tmp_path / "ft"))
+  lines = [json.loads(l) for l in open(tmp_path / "ft" / "finetune_metrics.jsonl")]
+  assert [l["step"] for l in lines] == [2, 4, 6]
+  assert results["held_out_accuracy"] == max(l["held_out_accuracy"] for l in lines)
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  ft_cfg, params, _ = checkpoint.load(str(tmp_path / "ft"))
+  assert ft_cfg.n_classes == 2 and params["clf"].shape == (cfg.n_embd, 2)
