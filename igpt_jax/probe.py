@@ -60,10 +60,11 @@ def _pmapped_features(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], readin
 
 def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None = None,
                reading: str = "ln1", devices=None) -> Callable:
-  """fn(tokens int [B, T]) -> {layer: np.float32 [B, D]}, B split over the local devices.
+  """fn(tokens int [B, T]) -> {layer: float32 jax.Array [B, D]}, B split over the devices.
 
   B must divide by the number of devices (pad it; see `extract_features`). The parameters are
-  copied to every device once, here, not per batch.
+  copied to every device once, here, not per batch. Results are not fetched (async dispatch):
+  see `_pipelined`.
   """
   layers = tuple(range(cfg.n_layer + 1) if layers is None else layers)
   model_lib.check_layers(cfg, layers)
@@ -79,9 +80,22 @@ def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None =
     if len(tokens) % len(devices):
       raise ValueError(f"batch of {len(tokens)} does not split over {len(devices)} devices")
     out = fn(params, tokens.reshape(len(devices), -1, tokens.shape[1]))
-    return {l: np.asarray(f).reshape(len(tokens), -1) for l, f in out.items()}
+    return {l: f.reshape(len(tokens), -1) for l, f in out.items()}
 
   return featurize
+
+
+def _pipelined(fn: Callable, items: Iterable):
+  """Yields (item, fn(item) fetched to host); fn of the next item is dispatched before the
+  current result is fetched, so device compute overlaps the copy and the host-side work."""
+  pending = None
+  for item in items:
+    out = fn(item)
+    if pending is not None:
+      yield pending[0], jax.device_get(pending[1])
+    pending = (item, out)
+  if pending is not None:
+    yield pending[0], jax.device_get(pending[1])
 
 
 def _padded(tokens: np.ndarray, size: int) -> np.ndarray:
@@ -102,11 +116,9 @@ def extract_features(cfg: model_lib.IGPTConfig, params, tokens, layers=None,
   featurize = featurizer(cfg, params, layers, reading, devices)
   n_dev = len(jax.local_devices() if devices is None else devices)
   batch_size = -(-batch_size // n_dev) * n_dev
-  chunks = []
-  for start in range(0, len(tokens), batch_size):
-    chunk = tokens[start:start + batch_size]
-    feats = featurize(_padded(chunk, batch_size))
-    chunks.append({l: f[:len(chunk)] for l, f in feats.items()})
+  starts = range(0, len(tokens), batch_size)
+  chunks = [{l: f[:len(tokens) - start] for l, f in feats.items()} for start, feats in
+            _pipelined(lambda s: featurize(_padded(tokens[s:s + batch_size], batch_size)), starts)]
   return {l: np.concatenate([c[l] for c in chunks]) for l in chunks[0]}
 
 
@@ -141,7 +153,8 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   """Streams eval batches through `featurize` into `out_dir/{split}_{name}.npy` files.
 
   batches: dicts with "tokens" [B, T], "labels" [B] and optionally "valid" [B] (the padded
-  last batch of `data.make_dataset(..., train=False)`). featurize(tokens) -> {name: [B, F]}.
+  last batch of `data.make_dataset(..., train=False)`). featurize(tokens) -> {name: [B, F]}
+  (numpy or jax arrays; the next batch is dispatched before this one is fetched).
   Rows go to disk batch by batch (appended raw, then given a .npy header), so memory holds one
   batch of activations whatever the split size. Integer names (layers) become
   `{split}_layer{l:02d}.npy`; labels are written as `{split}_labels.npy`.
@@ -150,10 +163,9 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   os.makedirs(out_dir, exist_ok=True)
   raw, widths, n = {}, {}, 0
   try:
-    for batch in batches:
+    for batch, feats in _pipelined(lambda b: featurize(b["tokens"]), batches):
       valid = np.asarray(batch.get("valid", np.ones(len(batch["tokens"]), bool)), bool)
-      feats = dict(featurize(batch["tokens"]))
-      feats["labels"] = np.asarray(batch["labels"], np.int32)
+      feats = {**feats, "labels": np.asarray(batch["labels"], np.int32)}
       for name, value in feats.items():
         value = np.asarray(value)[valid]
         if name not in raw:
