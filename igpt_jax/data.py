@@ -241,16 +241,22 @@ def _preprocess(image, augment: str, n_px: int, seed):
   return image
 
 
-def _quantize(image, centres):
-  """uint8 [H, W, 3] -> int32 [H*W] nearest palette centre, as `palette.quantize` computes it.
+def _distance_tables(palette) -> np.ndarray:
+  """float32 [3, 256, k]: squared distance from each channel level to each centre's channel.
 
-  Squared distances are summed channel by channel in a fixed order: plain IEEE float32 ops that
-  XLA and TF round alike, so near-ties break the same way in both (a matmul's would not).
+  Levels are scaled by `palette.to_unit` itself (XLA rounds x / 127.5 unlike TF), so the sums
+  below reproduce `palette.quantize`'s float32 arithmetic, and its ids, exactly.
   """
+  levels = np.asarray(palette_lib.to_unit(np.arange(256, dtype=np.uint8)))
+  return np.stack([(levels[:, None] - palette[:, i]) ** 2 for i in range(3)])
+
+
+def _quantize(image, tables):
+  """uint8 [H, W, 3] -> int32 [H*W] ids of the nearest centres (tables: `_distance_tables`)."""
   tf = _tf()
-  x = tf.reshape(tf.cast(image, tf.float32) / 127.5 - 1.0, [-1, 3])
-  d = [x[:, i:i + 1] - centres[:, i] for i in range(3)]  # 3 x [H*W, k]
-  return tf.argmin(d[0] * d[0] + d[1] * d[1] + d[2] * d[2], -1, output_type=tf.int32)
+  v = tf.reshape(tf.cast(image, tf.int32), [-1, 3])
+  scores = sum(tf.gather(tables[i], v[:, i]) for i in range(3))  # [H*W, k], palette's add order
+  return tf.argmin(scores, -1, output_type=tf.int32)
 
 
 def _options(threads: int):
@@ -277,7 +283,7 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
   "valid" bool [B_local]; all hosts yield the same number of batches.
   """
   cfg = _fields(data_cfg)
-  centres = palette_lib.check_palette(palette)
+  palette = palette_lib.check_palette(palette)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -297,11 +303,11 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
   if n <= 0:
     raise ValueError(f"split {split!r} of {cfg['name']!r} has no examples on host "
                      f"{process_index} of {process_count}")
-  centres = tf.constant(centres)
+  tables = tf.constant(_distance_tables(palette))
 
   def tokens(image, label, seed=None):
     image = _preprocess(decode(image), cfg["augment"], n_px, seed)
-    return {"tokens": _quantize(image, centres), "labels": tf.cast(label, tf.int32)}
+    return {"tokens": _quantize(image, tables), "labels": tf.cast(label, tf.int32)}
 
   if train:
     def epoch(e):  # the host slice in the order of epoch e; a pure function of (seed, e)
