@@ -24,6 +24,7 @@ import os
 import re
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from igpt_jax import palette as palette_lib
@@ -285,7 +286,6 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
   cfg = _fields(data_cfg)
   palette = palette_lib.check_palette(palette)
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
