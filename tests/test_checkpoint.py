@@ -1,0 +1,84 @@
+"""Checkpoints: weights-only round trip, full train-state restore, refusal of another model."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from igpt_jax import checkpoint
+from igpt_jax import sharding
+from igpt_jax import train
+from igpt_jax.model import IGPTConfig, init_params
+
+CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=16, n_head=2, vocab_size=16)
+PALETTE = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_save_params_then_load(tmp_path, scan):
+  cfg = CFG.replace(scan_layers=scan)
+  params = init_params(cfg, jax.random.key(0))
+  checkpoint.save_params(str(tmp_path), cfg, params, PALETTE, step=7)
+  got_cfg, got_params, got_palette = checkpoint.load(str(tmp_path))
+  assert got_cfg == cfg
+  assert_trees_equal(got_params, params)
+  np.testing.assert_array_equal(got_palette, PALETTE)
+  with pytest.raises(FileNotFoundError, match="steps present: \\[7\\]"):
+    checkpoint.load(str(tmp_path), step=3)
+
+
+def test_load_and_save_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    checkpoint.load(str(tmp_path / "empty"))
+  params = init_params(CFG, jax.random.key(0))
+  with pytest.raises(ValueError, match="shapes"):
+    checkpoint.save_params(str(tmp_path), CFG.replace(n_px=8), params, PALETTE)
+  with pytest.raises(ValueError, match="tree"):
+    checkpoint.save_params(str(tmp_path), CFG.replace(scan_layers=True), params, PALETTE)
+
+
+def saved_run(workdir, cfg=CFG, step=3):
+  """Saves a train state (params moved off init) the way the loop does; -> (state, tx, mesh)."""
+  mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  tx = train.make_optimizer(1e-3, 10)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    state = train.create_train_state(cfg, tx, mesh, jax.random.key(0))
+    tokens = np.arange(2 * cfg.n_ctx, dtype=np.int32).reshape(2, -1) % cfg.vocab_size
+    state, _ = train.make_train_step(train.loss_fn(cfg), tx,
+                                     train.state_shardings(cfg, tx, mesh))(state, {"tokens": tokens})
+  mngr = checkpoint.manager(workdir)
+  checkpoint.save(mngr, step, state.params, state.opt_state,
+                  checkpoint.make_meta(cfg, PALETTE, step, {"lr": 1e-3}))
+  mngr.wait_until_finished()
+  return state, tx, mesh
+
+
+def test_restore_train_state_sharded(tmp_path):
+  state, tx, _ = saved_run(str(tmp_path))
+  mesh = sharding.make_mesh((2, 2, 2))  # restore onto another layout than the one saved
+  abstract = train.abstract_train_state(CFG, tx, mesh)
+  params, opt_state, meta = checkpoint.restore(checkpoint.manager(str(tmp_path)),
+                                               abstract.params, abstract.opt_state, CFG)
+  assert meta["step"] == meta["data_position"] == 3 and meta["config"] == {"lr": 1e-3}
+  assert_trees_equal(params, state.params)
+  assert_trees_equal(opt_state, state.opt_state)
+  assert params["wte"].sharding == abstract.params["wte"].sharding
+
+
+def test_restore_refuses_another_model(tmp_path):
+  saved_run(str(tmp_path))
+  other = CFG.replace(n_embd=32)
+  mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  abstract = train.abstract_train_state(other, train.make_optimizer(1e-3, 10), mesh)
+  with pytest.raises(ValueError, match="n_embd: checkpoint 16 vs config 32"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract.params, abstract.opt_state,
+                       other)
+  # How the model runs may change on resume; what it is may not.
+  checkpoint.check_compatible(CFG.to_dict(), CFG.replace(dtype="bfloat16", remat="full"), "x")
+  with pytest.raises(ValueError, match="scan_layers"):
+    checkpoint.check_compatible(CFG.to_dict(), CFG.replace(scan_layers=True), "x")
