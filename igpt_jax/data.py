@@ -166,7 +166,12 @@ def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
   if data_dir is not None and not os.path.isdir(data_dir):
     raise ValueError(f"data_dir {data_dir!r} for tfds dataset {name!r} does not exist")
   builder = tfds.builder(name, data_dir=data_dir)
-  builder.download_and_prepare()  # no-op once prepared (ImageNet needs its manual download)
+  try:
+    builder.download_and_prepare()  # a no-op once prepared
+  except Exception as e:  # offline, a manual download (ImageNet), a missing dependency, ...
+    raise ValueError(f"tfds dataset {name!r} is not prepared in {builder.data_dir} and could not "
+                     f"be prepared here ({type(e).__name__}: {e}); prepare it with `tfds build` "
+                     "and pass its data_dir") from e
   # Images stay encoded until after the shuffle: smaller buffers, and cheap skips on resume.
   ds = builder.as_dataset(split=tfds.even_splits(split, count)[index], shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})

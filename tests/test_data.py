@@ -205,6 +205,11 @@ def test_bad_input_is_a_clear_error(npz, cfg, kw, match):
                                           "train": True, "palette": PALETTE, **kw}))
 
 
+def test_unprepared_tfds_dataset_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="not prepared in"):  # offline; ImageNet is manual anyway
+    data.load_images({"name": "imagenet2012", "data_dir": str(tmp_path)}, "train", 1)
+
+
 @pytest.mark.parametrize("images", [
     np.zeros((4, 8, 8), np.uint8),  # grayscale
     np.zeros((4, 8, 8, 3), np.float32),
