@@ -13,6 +13,10 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
+# A small palette that spreads colours over many ids, so different pixels give different tokens.
+PALETTE = np.random.default_rng(0).uniform(-1, 1, (64, 3)).astype(np.float32)
+
+
 def _tokens(cfg, **kw):
   kw = {"split": "train", "batch_size": 4, "n_px": 8, "train": True, **kw}
   return data.make_dataset(cfg, palette=PALETTE, **kw)
@@ -20,10 +24,6 @@ def _tokens(cfg, **kw):
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
-
-
-# A small palette that spreads colours over many ids, so different pixels give different tokens.
-PALETTE = np.random.default_rng(0).uniform(-1, 1, (64, 3)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
