@@ -325,11 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = make_train_step(loss_fn(cfg), tx, shardings, accum_steps=config.accum_steps,
                                  seed=config.seed)
     eval_step = make_eval_step(cfg)
-    prompts = None
-
-    def save(step, force=False):
-      meta = ckpt_lib.make_meta(cfg, palette, step, ckpt_lib.to_jsonable(config))
-      return ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=force)
+    prompts = None  # first held-out images, for the completion rows of the sample grids
 
     def evaluate(params):
       total, count = 0.0, 0.0
@@ -339,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total, count = total + float(s), count + float(c)
       return total / max(count, 1.0)
 
-    pending = []  # (step, metrics on device) since the last host sync
+    pending, window = [], []  # metrics still on device; fetched ones since the last log line
     last = {}
     t_log, step_log = time.perf_counter(), start
     for step in range(start + 1, config.total_steps + 1):
@@ -347,57 +343,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = train_step(state, sharding_lib.shard_batch({"tokens": batch["tokens"]},
                                                                   mesh))
       pending.append((step, metrics))
-      last_step = step == config.total_steps
-      due = {name: last_step or (config[f"{name}_every"] > 0 and
-                                 step % config[f"{name}_every"] == 0)
+      due = {name: step == config.total_steps or (config[f"{name}_every"] > 0 and
+                                                  step % config[f"{name}_every"] == 0)
              for name in ("log", "eval", "checkpoint", "sample")}
-      preempted = stop.event.is_set() if jax.process_count() == 1 else mngr.reached_preemption(
-          step)
-      if not (any(due.values()) or preempted):
+      if jax.process_count() == 1:
+        due["preempted"] = stop.event.is_set()
+      else:  # every host must stop at the same step
+        due["preempted"] = mngr.reached_preemption(step)
+      if not any(due.values()):
         continue
 
-      # Host sync: every pending step must be finite before anything is logged or saved.
-      fetched = jax.device_get(pending)
-      pending = []
-      for s, m in fetched:
+      # Host sync: every step must be finite before anything is logged or saved.
+      for s, m in jax.device_get(pending):
         if not (np.isfinite(m["loss"]) and np.isfinite(m["update_norm"])):
           mngr.wait_until_finished()
           raise FloatingPointError(
               f"non-finite training step at step {s} (loss {m['loss']}, update norm "
               f"{m['update_norm']}); the last good checkpoint is step {mngr.latest_step()} "
               f"in {mngr.directory}")
-      if due["log"] or preempted:
-        now = time.perf_counter()
-        steps_per_s = (step - step_log) / (now - t_log)
-        last = {"train_loss": float(np.mean([m["loss"] for _, m in fetched])),
-                "grad_norm": float(fetched[-1][1]["grad_norm"]),
-                "steps_per_s": steps_per_s, "tokens_per_s": steps_per_s * tokens_per_step}
-        if due["eval"]:
-          last["eval_loss"] = evaluate(state.params)
-          last["eval_bits_per_token"] = last["eval_loss"] / LN2
-        last["train_bits_per_token"] = last["train_loss"] / LN2
-        eta = (config.total_steps - step) / max(steps_per_s, 1e-9)
+        window.append(m)
+      pending = []
+      scalars = {}
+      if due["log"] or due["preempted"]:
+        steps_per_s = (step - step_log) / (time.perf_counter() - t_log)
+        loss = float(np.mean([m["loss"] for m in window]))
+        scalars = {"train_loss": loss, "train_bits_per_token": loss / LN2,
+                   "grad_norm": float(window[-1]["grad_norm"]), "steps_per_s": steps_per_s,
+                   "tokens_per_s": steps_per_s * tokens_per_step}
+        window = []
+      if due["eval"]:
+        scalars["eval_loss"] = evaluate(state.params)
+        scalars["eval_bits_per_token"] = scalars["eval_loss"] / LN2
+      if scalars:
+        writer.write(step, scalars)
+        last = scalars
+      if "train_loss" in scalars:
+        eta = (config.total_steps - step) / max(scalars["steps_per_s"], 1e-9)
         logging.info("step %d/%d  loss %.4f (%.3f bits/token)%s  %.2f steps/s  %.0f tokens/s  "
-                     "ETA %s", step, config.total_steps, last["train_loss"],
-                     last["train_bits_per_token"],
-                     f"  eval {last['eval_loss']:.4f}" if "eval_loss" in last else "",
-                     steps_per_s, last["tokens_per_s"], time.strftime("%H:%M:%S",
-                                                                       time.gmtime(eta)))
-        writer.write(step, last)
-        t_log, step_log = time.perf_counter(), step
-      elif due["eval"]:
-        eval_loss = evaluate(state.params)
-        writer.write(step, {"eval_loss": eval_loss})
+                     "ETA %s", step, config.total_steps, scalars["train_loss"],
+                     scalars["train_bits_per_token"],
+                     f"  eval {scalars['eval_loss']:.4f}" if "eval_loss" in scalars else "",
+                     scalars["steps_per_s"], scalars["tokens_per_s"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
       if due["sample"]:
         if prompts is None:
           prompts = np.asarray(next(iter(eval_iters()))["tokens"][:4])
         save_samples(os.path.join(workdir, f"samples_{step:07d}.png"), cfg, state.params, palette,
                      jax.random.fold_in(jax.random.key(config.seed + 2), step), prompts, mesh)
-      if due["checkpoint"] or preempted:
-        save(step, force=True)
-      if preempted:
+      if due["checkpoint"] or due["preempted"]:
+        meta = ckpt_lib.make_meta(cfg, palette, step, ckpt_lib.to_jsonable(config))
+        ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=True)
+      if due["preempted"]:
         logging.warning("preempted: saved step %d, exiting", step)
         break
+      if "train_loss" in scalars:  # eval, samples and saves stay out of the step rate
+        t_log, step_log = time.perf_counter(), step
 
   mngr.wait_until_finished()
   mngr.close()
