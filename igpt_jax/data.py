@@ -228,10 +228,14 @@ def _imagenet_crop(image, seed):
 
 
 def _cifar_augment(image, seed):
-  """Paper (CIFAR fine-tuning): 4 px reflect pad, random crop back to size, random flip."""
+  """Paper (CIFAR fine-tuning): 4 px reflect pad, random crop back to size, random flip.
+
+  The pad is 1/8 of the side (4 px at 32x32), so other resolutions shift by the same fraction.
+  """
   tf = _tf()
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
+  pad = tf.maximum(tf.shape(image)[0] // 8, 1)
+  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
   image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 

@@ -125,16 +125,17 @@ def test_area_resize_averages_blocks(cifar10_sample):
   np.testing.assert_allclose(_preprocess(image, "none", 8, None), want, atol=1)
 
 
-def test_cifar_augment_is_a_padded_crop_or_its_mirror(cifar10_sample):
-  image = cifar10_sample[0][1]
-  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-  views = [v for y in range(9) for x in range(9)
-           for v in (padded[y:y + 32, x:x + 32], padded[y:y + 32, x:x + 32][:, ::-1])]
-  outs = [_preprocess(image, "cifar", 32, s) for s in range(6)]
+@pytest.mark.parametrize("side, pad", [(32, 4), (16, 2)])  # the paper's 4 px at 32x32
+def test_cifar_augment_is_a_padded_crop_or_its_mirror(cifar10_sample, side, pad):
+  image = cifar10_sample[0][1][:side, :side]
+  padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+  views = [v for y in range(2 * pad + 1) for x in range(2 * pad + 1)
+           for v in (padded[y:y + side, x:x + side], padded[y:y + side, x:x + side][:, ::-1])]
+  outs = [_preprocess(image, "cifar", side, s) for s in range(6)]
   for out in outs:
     assert any(np.array_equal(out, v) for v in views)
   assert len({o.tobytes() for o in outs}) > 1
-  np.testing.assert_array_equal(_preprocess(image, "cifar", 32, None), image)  # eval: untouched
+  np.testing.assert_array_equal(_preprocess(image, "cifar", side, None), image)  # eval: as is
 
 
 def test_imagenet_augment_crops_then_downscales():
