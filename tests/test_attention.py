@@ -27,9 +27,9 @@ def test_blocked_matches_reference_values_and_grads(causal, t, block):
 
   ref = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
   ours = functools.partial(attention.blocked_attention, causal=causal, block=block)
-  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
-  grads_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
-  grads = jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+  grads_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
+  grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(grads, grads_ref):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
@@ -71,8 +71,9 @@ def test_model_logits_agree_across_implementations(objective):
   params["wtet"] = jax.random.normal(jax.random.key(1), params["wtet"].shape)
   tokens = jax.random.randint(jax.random.key(2), (2, cfg.n_ctx), 0, cfg.vocab_size)
   mask = jax.random.bernoulli(jax.random.key(3), 0.15, tokens.shape) if objective == "bert" else None
-  ref = IGPT(cfg).apply({"params": params}, tokens, mask)
-  blocked = IGPT(cfg.replace(attention="blocked")).apply({"params": params}, tokens, mask)
+  ref = jax.jit(IGPT(cfg).apply)({"params": params}, tokens, mask)
+  blocked = jax.jit(IGPT(cfg.replace(attention="blocked")).apply)({"params": params}, tokens,
+                                                                   mask)
   np.testing.assert_allclose(blocked, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -81,8 +82,9 @@ def test_decode_with_blocked_config_matches_full_forward():
   params = init_params(cfg, jax.random.key(0))
   params["wtet"] = jax.random.normal(jax.random.key(1), params["wtet"].shape)
   tokens = jax.random.randint(jax.random.key(2), (2, cfg.n_ctx), 0, cfg.vocab_size)
-  full = IGPT(cfg).apply({"params": params}, tokens)
+  full = jax.jit(IGPT(cfg).apply)({"params": params}, tokens)
   ids = jnp.concatenate([jnp.full((2, 1), cfg.sos_id), tokens[:, :-1]], axis=1)
-  logits, _ = IGPT(cfg).apply({"params": params, "cache": init_cache(cfg, 2)}, ids, 0,
-                              method=IGPT.decode, mutable=["cache"])
+  prefill = jax.jit(functools.partial(IGPT(cfg).apply, method=IGPT.decode, mutable=["cache"]),
+                    static_argnums=2)
+  logits, _ = prefill({"params": params, "cache": init_cache(cfg, 2)}, ids, 0)
   np.testing.assert_allclose(logits, full, atol=1e-5, rtol=1e-5)
