@@ -176,6 +176,42 @@ def test_local_npz_directory_and_image_folder(tmp_path, cifar10_sample):
     np.testing.assert_array_equal(from_folder[key], from_npz[key])
 
 
+@pytest.fixture(scope="module")
+def tfds_cifar10(tmp_path_factory, cifar10_sample):
+  """A real prepared tfds `cifar10` (20 train, 10 test real images) in a temporary data_dir."""
+  images, labels = cifar10_sample
+
+  class SmallCifar10(tfds.image_classification.Cifar10, skip_registration=True):
+    name = "cifar10"
+    url_infos = {}  # nothing to download
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._examples(0, 20), "test": self._examples(20, 30)}
+
+    def _examples(self, lo, hi):
+      for i in range(lo, hi):
+        yield i, {"id": str(i), "image": images[i], "label": int(labels[i])}
+
+  data_dir = tmp_path_factory.mktemp("tfds")
+  SmallCifar10(data_dir=str(data_dir)).download_and_prepare(download_dir=str(data_dir / "dl"))
+  return {"name": "cifar10", "data_dir": str(data_dir), "augment": "cifar"}, images[:20]
+
+
+def test_prepared_tfds_dataset_per_host(tfds_cifar10):
+  cfg, originals = tfds_cifar10
+  images, _ = data.load_images(cfg, "train")
+  assert sorted(i.tobytes() for i in images) == sorted(i.tobytes() for i in originals)
+  hosts = [np.concatenate([b["tokens"][b["valid"]] for b in _tokens(
+      cfg, n_px=32, batch_size=4, train=False, process_index=i, process_count=2)]) for i in (0, 1)]
+  rows = [{r.tobytes() for r in h} for h in hosts]
+  assert len(rows[0]) == len(rows[1]) == 10 and not rows[0] & rows[1]
+  assert rows[0] | rows[1] == {r.tobytes() for r in np.asarray(
+      palette_lib.quantize(originals, PALETTE))}
+  full = _take(_tokens(cfg, seed=2), 8)  # 20 examples, batch 4: steps 6 and 7 are in epoch 2
+  for x, y in zip(full[6:], _take(_tokens(cfg, seed=2, start_step=6), 2)):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
 @pytest.mark.parametrize("name", ["imagenet2012", "imagenet_resized/32x32", "cifar10"])
 def test_tfds_pipelines_on_mock_data(name):
   # mock_data ignores the split (every host and split sees the same fake examples).
