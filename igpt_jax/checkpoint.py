@@ -6,6 +6,7 @@ of batches consumed: the input pipeline is a pure function of (seed, position)) 
 training config. Weights-only checkpoints (`save_params`, converted models) have no opt_state.
 
   load(workdir, step=None) -> (IGPTConfig, params, palette)   probes, sampling, notebooks
+  read_meta(workdir, step=None) -> dict                        what a checkpoint records
   save_params(workdir, cfg, params, palette, step=0)           converted weights
   manager / save / restore                                     the training loop
 """
@@ -92,11 +93,8 @@ def _abstract_params(cfg: model_lib.IGPTConfig):
   return jax.eval_shape(model_lib.init_params, cfg, jax.random.key(0))
 
 
-def load(workdir: str, step: int | None = None):
-  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint (default latest).
-
-  Parameters only (no optimizer state), on the first local device.
-  """
+def _open(workdir: str, step: int | None):
+  """-> (read-only manager, step: the given one, or the latest)."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)})")
   mngr = manager(workdir, read_only=True)
@@ -104,7 +102,23 @@ def load(workdir: str, step: int | None = None):
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
                             f"{checkpoint_dir(workdir)}; steps present: {sorted(steps)}")
-  step = max(steps) if step is None else step
+  return mngr, max(steps) if step is None else step
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict:
+  """The JSON record of a checkpoint: model, palette, step, data_position, config."""
+  mngr, step = _open(workdir, step)
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
+  return meta
+
+
+def load(workdir: str, step: int | None = None):
+  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint (default latest).
+
+  Parameters only (no optimizer state), on the first local device.
+  """
+  mngr, step = _open(workdir, step)
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   cfg = model_lib.IGPTConfig.from_dict(meta["model"])
   params = mngr.restore(step, args=ocp.args.Composite(

@@ -28,6 +28,7 @@ def test_save_params_then_load(tmp_path, scan):
   assert got_cfg == cfg
   assert_trees_equal(got_params, params)
   np.testing.assert_array_equal(got_palette, PALETTE)
+  assert checkpoint.read_meta(str(tmp_path))["step"] == 7
   with pytest.raises(FileNotFoundError, match="steps present: \\[7\\]"):
     checkpoint.load(str(tmp_path), step=3)
 

@@ -201,7 +201,7 @@ def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   proc = launch(files, tmp_path)
-  err = interrupt(proc, tmp_path, sig, after_step=15)
+  err = interrupt(proc, tmp_path, sig, after_step=35)
   if sig == signal.SIGTERM:  # saves at the next step boundary and exits cleanly
     assert proc.returncode == 0, err[-3000:]
     assert "preempted: saved step" in err
@@ -209,6 +209,7 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
     assert proc.returncode == -signal.SIGKILL
   resumed_from = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
   assert 10 <= resumed_from < STEPS
+  assert checkpoint.read_meta(str(tmp_path))["data_position"] == resumed_from
   proc = launch(files, tmp_path)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
