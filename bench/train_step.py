@@ -1,7 +1,11 @@
 """Tokens/s and MFU of the jitted train step (fwd + bwd + Adam), optionally against HF ImageGPT.
 
-  python -m bench.train_step --peer                       # reference CPU shape, vs transformers
-  python -m bench.train_step --n_layer 24 --n_embd 512 --batch 32 --dtype bfloat16  # iGPT-S, GPU
+  python -m bench.train_step --peer       # reference CPU shape, against transformers
+  # GPU (attention "auto" = cuDNN flash in bf16); iGPT-S, iGPT-M, and iGPT-L's compile time:
+  python -m bench.train_step --n_layer 24 --n_embd 512 --n_head 8 --batch 32 --dtype bfloat16
+  python -m bench.train_step --n_layer 36 --n_embd 1024 --n_head 8 --batch 16 --dtype bfloat16
+  python -m bench.train_step --n_layer 48 --n_embd 1536 --n_head 16 --batch 8 --dtype bfloat16 \
+      --scan --remat dots --steps 2
 
 MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L T D (bench/common.py)
 and peak the float32 (or bf16) matmul rate measured in the same run on the same device.
@@ -31,7 +35,8 @@ flags.DEFINE_string("attention", "auto", "IGPTConfig.attention")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "IGPTConfig.remat")
 flags.DEFINE_bool("scan", False, "IGPTConfig.scan_layers")
 flags.DEFINE_integer("steps", 5, "timed steps (after one compile/warm-up step)")
-flags.DEFINE_bool("peer", False, "also time HF ImageGPTForCausalImageModeling (torch, CPU)")
+flags.DEFINE_bool("peer", False, "also time HF ImageGPTForCausalImageModeling (the torch CPU "
+                  "build: on a GPU box the ratio compares devices)")
 FLAGS = flags.FLAGS
 
 LR = 3e-4
@@ -96,7 +101,7 @@ def main(_):
       n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, batch=FLAGS.batch,
       dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat, scan=cfg.scan_layers,
       steps=FLAGS.steps, ours_tokens_per_s=round(ours, 1), step_s=round(sec, 4),
-      compile_s=round(compile_s, 2), loss_first=round(loss0, 4), loss_last=round(loss1, 4),
+      compile_s=round(compile_s, 2), peak_memory_gib=common.peak_memory_gib(), loss_first=round(loss0, 4), loss_last=round(loss1, 4),
       flops_per_token=common.flops_per_token(cfg), peak_flops=int(peak),
       mfu=round(ours * common.flops_per_token(cfg) / peak, 4))
   print(f"ours: {ours:.0f} tokens/s ({sec:.3f} s/step, compile {compile_s:.1f} s, "
