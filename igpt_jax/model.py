@@ -204,8 +204,11 @@ class Attention(nn.Module):
                        _partitioned(nn.initializers.normal(1 / math.sqrt(d * cfg.n_layer)),
                                     ("heads", "kv", "embed")),
                        (h, hd, d), pdtype)
-    qkv = jnp.einsum("bsd,dchk->cbshk", x, w_qkv.astype(dtype))
-    q, k, v = (nn.with_logical_constraint(t, ("batch", "length", "heads", "kv")) for t in qkv)
+    # q/k/v stay on an inner axis of the product: with them leading, XLA CPU computes W^T x^T and
+    # transposes the whole weight on every call (most of a decode step's time).
+    qkv = jnp.einsum("bsd,dchk->bschk", x, w_qkv.astype(dtype))
+    q, k, v = (nn.with_logical_constraint(qkv[:, :, i], ("batch", "length", "heads", "kv"))
+               for i in range(3))
 
     if decode_index is None:
       y = attention_lib.attention(q, k, v, causal=cfg.objective == "ar",
@@ -216,20 +219,32 @@ class Attention(nn.Module):
     return jnp.einsum("bshk,hkd->bsd", y, w_out.astype(dtype))
 
   def _cached_attention(self, q, k, v, index):
-    """Writes this chunk's keys/values at [index, index+S) and attends causally over the cache."""
+    """Writes this chunk's keys/values at [index, index+S) and attends causally over the cache.
+
+    q/k/v [B, S, H, K]. The cache is head-major, [B, H, L, K]: with one query per step the
+    scores are a batched matrix-vector product over the cache, and in this layout XLA reads the
+    cache in place instead of transposing all of it on every step. Its length L is the caller's
+    (n_ctx by default, see `init_cache`), at least index + S: a decode step is bound by reading
+    the cache, so a caller that knows how far it has got can hand in a shorter one.
+    """
     cfg = self.cfg
     b, s = q.shape[:2]
-    shape = (b, cfg.n_ctx, cfg.n_head, cfg.head_dim)
-    ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
-    cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
-    if ck.value.shape != shape:
-      raise ValueError(f"cache holds batch/length {ck.value.shape[:2]}, chunk needs {shape[:2]}")
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, index, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, index, 0, 0))
+    ck = self.variable("cache", "key", jnp.zeros, (b, cfg.n_head, cfg.n_ctx, cfg.head_dim),
+                       q.dtype)
+    cv = self.variable("cache", "value", jnp.zeros, ck.value.shape, q.dtype)
+    length = ck.value.shape[2]
+    if ck.value.shape != (b, cfg.n_head, length, cfg.head_dim) or length > cfg.n_ctx:
+      raise ValueError(f"cache of shape {ck.value.shape} does not fit batch {b}, "
+                       f"{cfg.n_head} heads of {cfg.head_dim} and at most {cfg.n_ctx} positions")
+    head_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, S, H, K] -> [B, H, S, K]
+    ck.value = jax.lax.dynamic_update_slice(ck.value, head_major(k), (0, 0, index, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, head_major(v), (0, 0, index, 0))
+    scores = jnp.einsum("bshk,bhtk->bhst", q * jnp.asarray(1 / math.sqrt(cfg.head_dim), q.dtype),
+                        ck.value, preferred_element_type=jnp.float32)  # [B, H, S, L]
     query_pos = index + jnp.arange(s)
-    visible = jnp.arange(cfg.n_ctx)[None, :] <= query_pos[:, None]  # [S, T]
-    return jax.nn.dot_product_attention(q, ck.value, cv.value, mask=visible[None, None],
-                                        implementation="xla")
+    visible = jnp.arange(length)[None, :] <= query_pos[:, None]  # [S, L]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(cv.value.dtype)
+    return jnp.einsum("bhst,bhtk->bshk", probs, cv.value)
 
 
 class Block(nn.Module):
@@ -418,9 +433,23 @@ def abstract_params(cfg: IGPTConfig):
       jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None))["params"]
 
 
-def init_cache(cfg: IGPTConfig, batch_size: int):
-  """Zero KV cache for `decode` with this batch size."""
+def init_cache(cfg: IGPTConfig, batch_size: int, length: int | None = None):
+  """Zero KV cache for `decode`: batch_size rows, `length` positions (default n_ctx).
+
+  Every leaf is [..., B, H, length, K] (a leading layer axis with scan_layers); `grow_cache`
+  lengthens it. A cache of length L serves decode calls on positions below L.
+  """
+  length = cfg.n_ctx if length is None else length
+  if not 0 < length <= cfg.n_ctx:
+    raise ValueError(f"cache length must lie in [1, {cfg.n_ctx}], got {length}")
   model = IGPT(cfg)
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), 0, method=IGPT.decode))["cache"]
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape[:-2] + (length,) + s.shape[-1:], s.dtype),
+                      shapes)
+
+
+def grow_cache(cache, length: int):
+  """Pads every leaf of a decode cache with zeros to `length` positions."""
+  pad = lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, length - c.shape[-2]), (0, 0)])
+  return jax.tree.map(pad, cache)

@@ -101,12 +101,18 @@ def test_kv_cache_matches_full_forward(scan):
   step = jax.jit(lambda cache, ids, i: M.IGPT(cfg).apply(
       {"params": params, "cache": cache}, ids, i, method=M.IGPT.decode, mutable=["cache"]))
   prefix = 5  # a prefill chunk, then one token at a time
-  logits, state = step(M.init_cache(cfg, 2), ids[:, :prefix], 0)
-  outs = [logits]
+  # The cache starts just long enough for the prefill and grows halfway through.
+  logits, state = step(M.init_cache(cfg, 2, length=prefix), ids[:, :prefix], 0)
+  cache, outs = state["cache"], [logits]
   for i in range(prefix, cfg.n_ctx):
-    logits, state = step(state["cache"], ids[:, i:i + 1], i)
+    if i in (prefix, cfg.n_ctx // 2):
+      cache = M.grow_cache(cache, cfg.n_ctx // 2 if i == prefix else cfg.n_ctx)
+    logits, state = step(cache, ids[:, i:i + 1], i)
+    cache = state["cache"]
     outs.append(logits)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
+  with pytest.raises(ValueError, match="cache length"):
+    M.init_cache(cfg, 2, length=cfg.n_ctx + 1)
 
 
 def test_options_do_not_change_the_function():
