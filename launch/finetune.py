@@ -8,6 +8,12 @@ W/finetune_results.json (held-out and, if config.test_split, test accuracy).
 """
 
 import json
+import os
+import sys
+
+# `python launch/finetune.py` puts launch/ first on the path; configs import their siblings as
+# `experiments.*` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

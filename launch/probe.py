@@ -11,6 +11,12 @@ model of the same shape.
 """
 
 import json
+import os
+import sys
+
+# `python launch/probe.py` puts launch/ first on the path; configs import their siblings as
+# `experiments.*` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

@@ -7,6 +7,11 @@ one is fitted from the training split first and saved as workdir/palette.npy.
 
 import logging as std_logging
 import os
+import sys
+
+# `python launch/train.py` puts launch/ first on the path; configs import their siblings as
+# `experiments.*` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
