@@ -67,11 +67,7 @@ def loss_fn(cfg: model_lib.IGPTConfig, clf_weight: float = 1.0) -> Callable:
     tokens, labels = batch["tokens"], batch["labels"]
     chex.assert_rank(tokens, 2)
     logits, class_logits, mask = _classify(cfg, params, tokens, rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
-    if mask is None:
-      gen = ce.mean()
-    else:
-      gen = jnp.mean(jnp.sum(ce * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1))
+    gen = jnp.mean(train_lib.token_losses(logits, tokens, mask))
     clf = optax.softmax_cross_entropy_with_integer_labels(class_logits, labels).mean()
     accuracy = jnp.mean(jnp.argmax(class_logits, -1) == labels)
     loss = gen + clf_weight * clf

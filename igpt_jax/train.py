@@ -117,22 +117,25 @@ def create_train_state(cfg: model_lib.IGPTConfig, tx: optax.GradientTransformati
 
 # -- losses and steps -------------------------------------------------------------------------
 
+def token_losses(logits: jax.Array, tokens: jax.Array, bert_mask: jax.Array | None = None):
+  """Mean cross-entropy per example [B] in nats/token, from logits [B, T, V] of tokens [B, T].
+
+  Without a mask (AR) over all T positions; with a BERT mask [B, T] over the masked positions
+  only (an example with no masked token counts 0).
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
+  if bert_mask is None:
+    return ce.mean(axis=-1)
+  return jnp.sum(ce * bert_mask, axis=-1) / jnp.maximum(jnp.sum(bert_mask, axis=-1), 1)
+
+
 def example_losses(cfg: model_lib.IGPTConfig, params, tokens: jax.Array,
                    rng: jax.Array) -> jax.Array:
-  """Mean cross-entropy per example [B] in nats/token.
-
-  AR: over all T positions. BERT: over the masked positions only, with a fresh 15% mask drawn
-  from rng (an example with no masked token counts 0).
-  """
+  """The pretraining loss per example [B] (nats/token); BERT draws a fresh 15% mask from rng."""
   chex.assert_rank(tokens, 2)
-  model = model_lib.IGPT(cfg)
-  if cfg.objective == "ar":
-    logits = model.apply({"params": params}, tokens)  # [B, T, V]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean(axis=-1)
-  mask = model_lib.draw_bert_mask(rng, tokens.shape)  # [B, T]
-  logits = model.apply({"params": params}, tokens, bert_mask=mask)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
-  return jnp.sum(ce * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+  mask = model_lib.draw_bert_mask(rng, tokens.shape) if cfg.objective == "bert" else None
+  logits = model_lib.IGPT(cfg).apply({"params": params}, tokens, bert_mask=mask)  # [B, T, V]
+  return token_losses(logits, tokens, mask)
 
 
 def loss_fn(cfg: model_lib.IGPTConfig) -> Callable:
