@@ -47,7 +47,8 @@ def _choose(rng, logits, temperature, *, greedy, top_k, use_top_p, top_p):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-DECODE_CHUNKS = 8
+DECODE_CHUNKS = 8  # at most this many loop bodies, each of at least MIN_DECODE_CHUNK steps
+MIN_DECODE_CHUNK = 8
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p", "sharding"))
@@ -74,8 +75,8 @@ def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy,
   sos = jnp.full((b, 1), cfg.sos_id, jnp.int32)
   # Each step is bound by reading the cache, so the cache grows a chunk at a time and each
   # chunk's loop reads only the positions written so far, rounded up to the chunk: about half
-  # the traffic of reading all T every step, for DECODE_CHUNKS compiled loop bodies.
-  chunk = -(-t // DECODE_CHUNKS)
+  # the traffic of reading all T every step, for up to DECODE_CHUNKS compiled loop bodies.
+  chunk = max(-(-t // DECODE_CHUNKS), MIN_DECODE_CHUNK)
   chunk_end = lambda pos: min(t, (pos // chunk + 1) * chunk)  # first boundary after pos
   cache = init_cache(cfg, b, length=chunk_end(p))
   logits, cache = decode(cache, jnp.concatenate([sos, prompt], axis=1), 0)
