@@ -21,21 +21,23 @@ def get_config():
   c.data = dict(name=os.path.normpath(_LOCAL) if os.path.exists(_LOCAL) else "cifar10",
                 train_split="train[:45000]", eval_split="train[45000:]", augment="cifar")
   c.palette = ""  # empty: fit one into workdir/palette.npy
-  c.model = dict(n_px=16, n_layer=4, n_embd=128, n_head=4, attention="auto")
+  # 3 wide layers rather than 4 x 128: the probe peaks mid-depth, and this shape probed 39.0% at
+  # its best layer against 37.9% for 4 x 128 in the same minutes (one run each, noise ~1 point).
+  c.model = dict(n_px=16, n_layer=3, n_embd=192, n_head=6, attention="auto")
   c.mesh = (-1, 1, 1)
 
-  # 1.1 s per step on 2 idle cores: 400 steps (3.3M tokens, one full cosine) fit in 10 minutes.
-  c.total_steps = 400
+  # 1.5 s per step on 2 idle cores: 260 steps (2.1M tokens, one full cosine) took 8 minutes.
+  c.total_steps = 260
   c.batch_size = 32
   c.accum_steps = 1
   c.lr = 3e-3
-  c.warmup_steps = 40
+  c.warmup_steps = 26
   c.grad_clip = 1.0
 
   c.log_every = 50
-  c.eval_every = 200
+  c.eval_every = 130
   c.eval_batches = 40  # 1280 of the 5000 held-out images: enough for a stable loss
-  c.checkpoint_every = 200
+  c.checkpoint_every = 130
   c.keep_checkpoints = 2
-  c.sample_every = 400
+  c.sample_every = 260
   return c
