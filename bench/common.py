@@ -48,6 +48,23 @@ def peak_flops(dtype: str = "float32", n: int | None = None, reps: int = 5) -> f
   return 2 * n ** 3 / best
 
 
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+  """Bytes/s of the best of `reps` jitted sums over a float32 array of `gib` GiB.
+
+  1 GiB is far beyond any cache, so this is the device's streaming read bandwidth: the ceiling
+  of a step that must read every weight and the whole KV cache (a decode step).
+  """
+  x = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    total(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return x.nbytes / best
+
+
 def random_tokens(cfg: IGPTConfig, batch: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.n_ctx), np.int32)
 

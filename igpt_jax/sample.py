@@ -51,6 +51,17 @@ DECODE_CHUNKS = 8  # at most this many loop bodies, each of at least MIN_DECODE_
 MIN_DECODE_CHUNK = 8
 
 
+def cache_length(n_ctx: int, position: int) -> int:
+  """Length of the KV cache that the decode step for `position` reads.
+
+  Each step is bound by reading the cache, so the cache grows a chunk at a time and each
+  chunk's loop reads only the positions written so far, rounded up to the chunk: about half
+  the traffic of reading all n_ctx every step, for up to DECODE_CHUNKS compiled loop bodies.
+  """
+  chunk = max(-(-n_ctx // DECODE_CHUNKS), MIN_DECODE_CHUNK)
+  return min(n_ctx, (position // chunk + 1) * chunk)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p", "sharding"))
 def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy, top_k, use_top_p,
             sharding):
@@ -73,12 +84,7 @@ def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy,
   # Prefill: position i reads token i-1 (the start id at 0), so positions 0..P take
   # [sos, prompt] and the last of them predicts token P.
   sos = jnp.full((b, 1), cfg.sos_id, jnp.int32)
-  # Each step is bound by reading the cache, so the cache grows a chunk at a time and each
-  # chunk's loop reads only the positions written so far, rounded up to the chunk: about half
-  # the traffic of reading all T every step, for up to DECODE_CHUNKS compiled loop bodies.
-  chunk = max(-(-t // DECODE_CHUNKS), MIN_DECODE_CHUNK)
-  chunk_end = lambda pos: min(t, (pos // chunk + 1) * chunk)  # first boundary after pos
-  cache = init_cache(cfg, b, length=chunk_end(p))
+  cache = init_cache(cfg, b, length=cache_length(t, p))
   logits, cache = decode(cache, jnp.concatenate([sos, prompt], axis=1), 0)
   tokens = tokens.at[:, p].set(choose(jax.random.fold_in(rng, p), logits))
 
@@ -92,7 +98,7 @@ def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy,
 
   start = p + 1
   while start < t:
-    end = chunk_end(start)
+    end = cache_length(t, start)
     tokens, cache = jax.lax.fori_loop(start, end, step, (tokens, grow_cache(cache, end)))
     start = end
   return tokens

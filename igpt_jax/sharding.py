@@ -54,6 +54,29 @@ def maybe_initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def use_one_cpu_device_per_core() -> None:
+  """Makes XLA expose one CPU device per host core; call before jax first touches a device.
+
+  An XLA CPU program with little parallelism inside it, such as decoding a small batch (a chain
+  of matrix-vector products bound by memory bandwidth), runs on about one core. With one device
+  per core and the batch split over a mesh of them (`data_mesh`), every core streams its own
+  rows. A device count already in XLA_FLAGS is kept; on accelerator hosts only the host
+  platform changes, so this is harmless there.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
+    raise RuntimeError("use_one_cpu_device_per_core must run before jax touches a device")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
+
+
+def data_mesh(batch_size: int) -> Mesh | None:
+  """A data-parallel mesh over the most devices that split `batch_size` evenly (None for one)."""
+  n = max(k for k in range(1, jax.device_count() + 1) if batch_size % k == 0)
+  return make_mesh((n, 1, 1), jax.devices()[:n]) if n > 1 else None
+
+
 def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, int]:
   """Resolves one -1 entry of (data, fsdp, tensor) so the product is n_devices."""
   shape = tuple(int(s) for s in shape)

@@ -8,7 +8,8 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
 `igpt_jax.checkpoint.load`). Writes `samples.png` + `samples.npy` (tokens [num, T]), or
 `completions.png` (rows: input | completions | original) + `completions.npy` (tokens
 [num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
-batch is split over them.
+batch is split over as many of them as divide it evenly; on a CPU host every core is one device
+(`sharding.use_one_cpu_device_per_core`), since one XLA CPU device decodes on about one core.
 """
 
 import os
@@ -48,15 +49,16 @@ _SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest ne
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  sharding.use_one_cpu_device_per_core()
   cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
   os.makedirs(out, exist_ok=True)
-  mesh = sharding.make_mesh() if jax.device_count() > 1 else None
   rng = jax.random.key(_SEED.value)
-  kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, mesh=mesh)
+  kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
 
   if not _COMPLETE.value:
-    tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value, **kw))
+    tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
+                                          mesh=sharding.data_mesh(_NUM.value), **kw))
     np.save(os.path.join(out, "samples.npy"), tokens)
     path = os.path.join(out, "samples.png")
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
@@ -74,8 +76,9 @@ def main(argv):
   images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value}, _SPLIT.value,
                                _NUM.value, n_px=cfg.n_px)
   originals = np.asarray(palette_lib.quantize(images, palette))  # [N, T]
-  completions = np.asarray(sample_lib.complete(cfg, params, rng, originals, prefix_len,
-                                               samples=_SAMPLES_PER_IMAGE.value, **kw))
+  completions = np.asarray(sample_lib.complete(
+      cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
+      mesh=sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
   np.save(os.path.join(out, "completions.npy"), completions)
   np.save(os.path.join(out, "originals.npy"), originals)
   path = os.path.join(out, "completions.png")

@@ -1,5 +1,9 @@
 """Sharded training equals single-device training; layouts follow the logical-axis rules."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -82,3 +86,25 @@ def test_mesh_shape():
 def test_batch_must_split_over_shards():
   with pytest.raises(ValueError, match="batch_size=6"):
     sharding.check_batch_size(6, sharding.make_mesh((4, 2, 1)))
+
+
+def test_data_mesh_uses_the_most_devices_that_split_the_batch():
+  assert jax.device_count() == 8  # conftest's fake CPU devices
+  assert sharding.data_mesh(1) is None
+  assert sharding.data_mesh(11) is None  # a prime above 8: one device
+  assert dict(sharding.data_mesh(7).shape) == {"data": 7, "fsdp": 1, "tensor": 1}
+  assert dict(sharding.data_mesh(12).shape) == {"data": 6, "fsdp": 1, "tensor": 1}
+  assert dict(sharding.data_mesh(16).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_one_cpu_device_per_core(tmp_path):
+  """In a fresh process the host CPU becomes one device per core; a set count is kept."""
+  code = ("import os; from igpt_jax import sharding; sharding.use_one_cpu_device_per_core(); "
+          "import jax; print(jax.device_count(), os.cpu_count())")
+  run_with = lambda flags: subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+      env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}).stdout
+  devices, cores = run_with("").split()
+  assert devices == cores
+  assert run_with("--xla_force_host_platform_device_count=3").split()[0] == "3"
