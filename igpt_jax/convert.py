@@ -1,4 +1,4 @@
-"""Hugging Face ImageGPT weights <-> igpt_jax parameters, without torch.
+"""Hugging Face ImageGPT weights <-> igpt_jax parameters, without torch; and OpenAI's release.
 
 Hugging Face's `ImageGPTForCausalImageModeling` (and the released `openai/imagegpt-small|medium|
 large`) computes the same function as `igpt_jax.model.IGPT`; only the storage differs:
@@ -16,6 +16,15 @@ Entry points:
   to_hf(cfg, params) -> (state_dict, hf_config)
   read_hf_dir(path) -> (state_dict, hf_config, palette or None)   (a hub checkpoint directory)
   write_hf_dir(path, cfg, params, palette)                        (the same files, for export)
+  from_openai(variables, **cfg_overrides) -> (IGPTConfig, params)  (OpenAI's TF variables)
+  read_tf_checkpoint(prefix) -> variables       (`model.ckpt-1000000`; needs tensorflow)
+
+OpenAI's own release (github.com/openai/image-gpt, `model.ckpt-1000000` + `kmeans_centers.npy`)
+stores the variables of its src/model.py under `model/`: `wte`, `wpe`, `wtet`, `sos` (AR models
+only) and `ln_f/g`; per layer `h{i}/ln_1/g`, `h{i}/ln_2/g`, `h{i}/attn/{q,k,v}_proj` and
+`h{i}/attn/c_proj` as [H, hd, D] (used as einsum "bsf,hef->bhse" and "bhse,hef->bsf"),
+`h{i}/mlp/c_fc/w` [D, 4D] and `h{i}/mlp/c_proj/w` [4D, D]; fine-tuned ones add `clf/wclf`
+[C, D]. Optimizer slots and step counters beside them are ignored.
 """
 
 from __future__ import annotations
@@ -285,3 +294,84 @@ def write_hf_dir(hf_dir: str, cfg: IGPTConfig, params: Mapping, palette) -> None
     json.dump({"image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
                "do_color_quantize": True, "do_normalize": True, "do_resize": True,
                "size": {"height": cfg.n_px, "width": cfg.n_px}}, f)
+
+
+# The model variables of OpenAI's release; anything else in its checkpoints (Adam slots, step
+# counters) is optimizer state.
+_OPENAI_WEIGHT = re.compile(r"model/(wte|wpe|wtet|sos|ln_f/g|clf/wclf|h\d+/(ln_[12]/g|"
+                            r"attn/[qkv]_proj|attn/c_proj|mlp/c_fc/w|mlp/c_proj/w))")
+
+
+def read_tf_checkpoint(prefix: str) -> dict:
+  """The model variables (numpy, by name) of a TF checkpoint such as `model.ckpt-1000000`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (only this reader needs it)
+  tf.config.set_visible_devices([], "GPU")
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+  except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as e:
+    raise ValueError(f"cannot read a TF checkpoint at {prefix!r} (give the prefix, e.g. "
+                     f"model.ckpt-1000000, not one of its .index/.data files): {e}") from e
+  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+          if _OPENAI_WEIGHT.fullmatch(name)}
+
+
+def config_from_openai(variables: Mapping, **overrides) -> IGPTConfig:
+  """IGPTConfig of OpenAI's variables: every size is read off the tensor shapes."""
+  for name in ("model/wte", "model/wpe", "model/h0/attn/q_proj"):
+    if name not in variables:
+      raise ValueError(f"no {name} among the variables: not an OpenAI iGPT checkpoint")
+  vocab_size, d = np.shape(variables["model/wte"])
+  n_ctx = np.shape(variables["model/wpe"])[0]
+  n_px = math.isqrt(n_ctx)
+  if n_px * n_px != n_ctx:
+    raise ValueError(f"model/wpe has {n_ctx} positions, not a square image (n_px**2)")
+  n_layer = len([k for k in variables if re.fullmatch(r"model/h\d+/ln_1/g", k)])
+  fixed = sorted(set(overrides) & (set(_ARCH_FIELDS) | {"objective", "n_classes"}))
+  if fixed:
+    raise ValueError(f"{fixed} are fixed by the checkpoint and cannot be overridden")
+  return IGPTConfig(
+      n_px=n_px, n_layer=n_layer, n_embd=d, n_head=np.shape(variables["model/h0/attn/q_proj"])[0],
+      vocab_size=vocab_size, objective="ar" if "model/sos" in variables else "bert",
+      n_classes=np.shape(variables["model/clf/wclf"])[0] if "model/clf/wclf" in variables else 0,
+      ).replace(**overrides)
+
+
+def from_openai(variables: Mapping, **cfg_overrides):
+  """OpenAI's released variables (numpy, by TF name) -> (IGPTConfig, params of numpy arrays).
+
+  BERT checkpoints have no start vector (the objective needs none): `sos` is zero.
+  cfg_overrides: non-architecture IGPTConfig fields (scan_layers, dtype, param_dtype).
+  """
+  cfg = config_from_openai(variables, **cfg_overrides)
+  d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+  dtype = jnp.dtype(cfg.param_dtype)
+
+  def fetch(name, shape):
+    if name not in variables:
+      raise ValueError(f"checkpoint lacks {name} (a {cfg.n_layer}-layer model)")
+    x = np.asarray(variables[name])
+    if x.shape != shape:
+      raise ValueError(f"{name} has shape {x.shape}, expected {shape} for {cfg}")
+    return x.astype(dtype)
+
+  params = {"wte": fetch("model/wte", (cfg.vocab_size, d)),
+            "wpe": fetch("model/wpe", (cfg.n_ctx, d)),
+            "wtet": fetch("model/wtet", (cfg.vocab_size, d)),
+            "sos": (fetch("model/sos", (d,)) if cfg.objective == "ar" else np.zeros(d, dtype)),
+            "ln_f": {"g": fetch("model/ln_f/g", (d,))}}
+  if cfg.n_classes:
+    params["clf"] = fetch("model/clf/wclf", (cfg.n_classes, d)).T
+  for i in range(cfg.n_layer):
+    tf_name = lambda rest: f"model/h{i}/{rest}"  # pylint: disable=cell-var-from-loop
+    # [H, hd, D] each -> our fused [D, 3, H, hd].
+    qkv = [fetch(tf_name(f"attn/{n}_proj"), (h, hd, d)) for n in "qkv"]
+    params[f"h_{i}"] = {
+        "ln_1": {"g": fetch(tf_name("ln_1/g"), (d,))},
+        "attn": {"c_attn": np.stack(qkv).transpose(3, 0, 1, 2),
+                 "c_proj": fetch(tf_name("attn/c_proj"), (h, hd, d))},
+        "ln_2": {"g": fetch(tf_name("ln_2/g"), (d,))},
+        "c_fc": fetch(tf_name("mlp/c_fc/w"), (d, 4 * d)),
+        "c_proj": fetch(tf_name("mlp/c_proj/w"), (4 * d, d))}
+  if cfg.scan_layers:
+    params = stack_blocks(params, cfg.n_layer)
+  return cfg, params

@@ -1,6 +1,5 @@
 """Converter tests: exact round trip, refusals, and parity with transformers' ImageGPT (peer extra)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -208,8 +207,6 @@ def test_read_hf_dir_errors(tmp_path):
 
 
 def test_launch_convert_writes_a_loadable_checkpoint(hf_model, tmp_path):
-  if importlib.util.find_spec("igpt_jax.checkpoint") is None:
-    pytest.skip("igpt_jax/checkpoint.py has not landed")
   from igpt_jax import checkpoint, palette as palette_lib
   hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
   hf_dir.mkdir()
@@ -222,3 +219,111 @@ def test_launch_convert_writes_a_loadable_checkpoint(hf_model, tmp_path):
   tokens = _tokens(cfg)
   np.testing.assert_allclose(IGPT(cfg).apply({"params": params}, tokens),
                              _hf_logits(hf_model, tokens), atol=1e-4, rtol=1e-4)
+
+
+# OpenAI's release (github.com/openai/image-gpt, src/model.py), by its TF variable names.
+
+
+def _openai_variables(cfg, seed=0, bert=False, n_classes=0):
+  """Random variables named and shaped as OpenAI's checkpoints, with optimizer state beside."""
+  rng = np.random.default_rng(seed)
+  d, h, hd = cfg.n_embd, cfg.n_head, cfg.head_dim
+  r = lambda *shape: rng.normal(0, 0.3, shape).astype(np.float32)
+  v = {"model/wte": r(cfg.vocab_size, d), "model/wpe": r(cfg.n_ctx, d),
+       "model/wtet": r(cfg.vocab_size, d), "model/ln_f/g": 1 + r(d)}
+  if not bert:
+    v["model/sos"] = r(d)
+  if n_classes:
+    v["model/clf/wclf"] = r(n_classes, d)
+  for i in range(cfg.n_layer):
+    p = f"model/h{i}/"
+    v.update({p + "ln_1/g": 1 + r(d), p + "ln_2/g": 1 + r(d), p + "attn/q_proj": r(h, hd, d),
+              p + "attn/k_proj": r(h, hd, d), p + "attn/v_proj": r(h, hd, d),
+              p + "attn/c_proj": r(h, hd, d), p + "mlp/c_fc/w": r(d, 4 * d),
+              p + "mlp/c_proj/w": r(4 * d, d)})
+  return v
+
+
+def _openai_logits(v, tokens, n_layer):
+  """The release's AR forward (src/model.py) in numpy, straight from its variables."""
+  norm = lambda x, g: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-5) * g
+  x = v["model/wte"][tokens]
+  b, t = tokens.shape
+  x = np.concatenate([np.broadcast_to(v["model/sos"], (b, 1, x.shape[-1])), x[:, :-1]], 1)
+  x = x + v["model/wpe"][:t]
+  causal = np.tril(np.ones((t, t)))
+  for i in range(n_layer):
+    p = f"model/h{i}/"
+    a = norm(x, v[p + "ln_1/g"])
+    q, k, val = (np.einsum("bsf,hef->bhse", a, v[p + f"attn/{n}_proj"]) for n in "qkv")
+    w = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    w = w * causal - 1e10 * (1 - causal)
+    w = np.exp(w - w.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    x = x + np.einsum("bhse,hef->bsf", w @ val, v[p + "attn/c_proj"])
+    m = norm(x, v[p + "ln_2/g"]) @ v[p + "mlp/c_fc/w"]
+    x = x + (m / (1 + np.exp(-1.702 * m))) @ v[p + "mlp/c_proj/w"]
+  return norm(x, v["model/ln_f/g"]) @ v["model/wtet"].T
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_from_openai_gives_the_release_logits(scan_layers):
+  variables = _openai_variables(CFG)
+  cfg, params = convert.from_openai(variables, scan_layers=scan_layers)
+  assert cfg == CFG.replace(scan_layers=scan_layers)
+  tokens = _tokens(cfg)
+  np.testing.assert_allclose(IGPT(cfg).apply({"params": params}, tokens),
+                             _openai_logits(variables, tokens, CFG.n_layer), atol=1e-4, rtol=1e-4)
+
+
+def test_from_openai_bert_and_classifier_checkpoints():
+  variables = _openai_variables(CFG, bert=True, n_classes=10)
+  cfg, params = convert.from_openai(variables)
+  assert (cfg.objective, cfg.n_classes) == ("bert", 10)
+  shapes = jax.tree.map(lambda s: s.shape, nn.unbox(abstract_params(cfg)))
+  assert jax.tree.map(np.shape, params) == shapes
+  np.testing.assert_array_equal(params["clf"], variables["model/clf/wclf"].T)
+  np.testing.assert_array_equal(params["sos"], 0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v.pop("model/wpe"), "no model/wpe"),
+    (lambda v: v.pop("model/h1/mlp/c_fc/w"), "lacks model/h1/mlp/c_fc/w"),
+    (lambda v: v.update({"model/wtet": v["model/wtet"][:, :8]}), "model/wtet has shape"),
+    (lambda v: v.update({"model/wpe": v["model/wpe"][:60]}), "not a square image"),
+])
+def test_from_openai_refuses_broken_checkpoints(edit, message):
+  variables = _openai_variables(CFG)
+  edit(variables)
+  with pytest.raises(ValueError, match=message):
+    convert.from_openai(variables)
+  with pytest.raises(ValueError, match="fixed by the checkpoint"):
+    convert.from_openai(_openai_variables(CFG), n_layer=3)
+
+
+def test_tf_checkpoint_through_launch_convert(tmp_path):
+  tf = pytest.importorskip("tensorflow", reason="reading TF checkpoints needs the data extra")
+  from igpt_jax import checkpoint
+  variables = _openai_variables(CFG)
+  # As the release's Saver wrote them: Adam slots and a step counter beside the weights.
+  saved = {**variables, "model/h0/attn/q_proj/Adam": variables["model/h0/attn/q_proj"],
+           "global_step": np.int64(1000000)}
+  prefix = str(tmp_path / "model.ckpt-1000000")
+  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=list(saved), shape_and_slices=[""] * len(saved),
+                    tensors=[tf.constant(x) for x in saved.values()])
+  read = convert.read_tf_checkpoint(prefix)
+  assert sorted(read) == sorted(variables)
+  with pytest.raises(ValueError, match="cannot read a TF checkpoint"):
+    convert.read_tf_checkpoint(str(tmp_path / "missing.ckpt"))
+
+  clusters = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  np.save(tmp_path / "kmeans_centers.npy", clusters)
+  workdir = tmp_path / "work"
+  subprocess.run([sys.executable, "-m", "launch.convert", f"--tf_checkpoint={prefix}",
+                  f"--palette={tmp_path / 'kmeans_centers.npy'}", f"--workdir={workdir}"],
+                 cwd=REPO, check=True)
+  cfg, params, palette = checkpoint.load(str(workdir))
+  np.testing.assert_array_equal(palette, clusters)
+  tokens = _tokens(cfg)
+  np.testing.assert_allclose(IGPT(cfg).apply({"params": params}, tokens),
+                             _openai_logits(variables, tokens, CFG.n_layer), atol=1e-4, rtol=1e-4)
