@@ -31,6 +31,17 @@ def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
   return 6 * n + 12 * attn if backward else 2 * n + 4 * attn
 
 
+def best_seconds(fn, reps: int) -> float:
+  """Fastest of `reps` timed calls of fn, after one untimed call (compile, first allocations)."""
+  fn()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
 def peak_flops(dtype: str = "float32", n: int | None = None, reps: int = 5) -> float:
   """FLOP/s of the best of `reps` jitted [n, n] @ [n, n] matmuls on the default device.
 
@@ -39,13 +50,7 @@ def peak_flops(dtype: str = "float32", n: int | None = None, reps: int = 5) -> f
   n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   a = jnp.ones((n, n), dtype)
   mm = jax.jit(lambda x: x @ x)
-  mm(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+  return 2 * n ** 3 / best_seconds(lambda: mm(a).block_until_ready(), reps)
 
 
 def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -56,13 +61,7 @@ def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
   """
   x = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
   total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    total(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return x.nbytes / best
+  return x.nbytes / best_seconds(lambda: total(x).block_until_ready(), reps)
 
 
 def random_tokens(cfg: IGPTConfig, batch: int, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,6 @@ bandwidth would allow if every byte were read once at that speed (`bandwidth_bou
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -45,22 +44,12 @@ flags.DEFINE_bool("device_report", False,
                   "images/s figure for an accelerator. Overrides the shape flags.")
 
 
-def _best_seconds(fn, repeats):
-  fn()  # warm-up: compile (ours) or first-call allocations (peer)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
 def time_ours(cfg, batch, repeats, mesh):
   params = model_lib.init_params(cfg, jax.random.key(0))
   # The zero-initialised output table would make every draw uniform; real-looking logits.
   params["wtet"] = 0.02 * jax.random.normal(jax.random.key(1), params["wtet"].shape)
   rng = jax.random.key(2)
-  return _best_seconds(lambda: sample_lib.sample(cfg, params, rng, batch_size=batch,
+  return common.best_seconds(lambda: sample_lib.sample(cfg, params, rng, batch_size=batch,
                                                  mesh=mesh).block_until_ready(), repeats)
 
 
@@ -95,7 +84,7 @@ def time_peer(cfg, batch, repeats):
                           temperature=1.0, use_cache=True, pad_token_id=cfg.vocab_size)
     assert out.shape == (batch, cfg.n_ctx + 1), out.shape
 
-  return _best_seconds(run, repeats)
+  return common.best_seconds(run, repeats)
 
 
 def main(argv):
