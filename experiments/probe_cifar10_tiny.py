@@ -24,7 +24,8 @@ def get_config():
   c.layers = ()  # empty: all, 0..n_layer
   c.reading = "ln1"
   c.batch_size = 256
-  c.l2s = (1e-4, 1e-3, 1e-2, 1e-1)
+  # Wide enough that every feature type (layers, random init, pixels) peaks inside the grid.
+  c.l2s = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   c.val_fraction = 0.1
   c.concat_k = 3
   c.low_data = dict(sizes=(40, 250, 4000), seeds=5, balanced=True)

@@ -54,21 +54,26 @@ def maybe_initialize_distributed() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def use_one_cpu_device_per_core() -> None:
+def use_one_cpu_device_per_core(batch_size: int | None = None) -> None:
   """Makes XLA expose one CPU device per host core; call before jax first touches a device.
 
-  An XLA CPU program with little parallelism inside it, such as decoding a small batch (a chain
-  of matrix-vector products bound by memory bandwidth), runs on about one core. With one device
-  per core and the batch split over a mesh of them (`data_mesh`), every core streams its own
-  rows. A device count already in XLA_FLAGS is kept; on accelerator hosts only the host
+  An XLA CPU program runs many of its operations on about one core: all of a small-batch decode
+  step (a chain of matrix-vector products bound by memory bandwidth) and a good part of a small
+  train step. With one device per core and the batch split over a mesh of them, every core works
+  on its own rows. With `batch_size`, the count is the largest power of two up to the core count
+  that splits it evenly (so the batch, and the 8-image sample grids of training, split over the
+  devices). A device count already in XLA_FLAGS is kept; on accelerator hosts only the host
   platform changes, so this is harmless there.
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
   if jax._src.xla_bridge.backends_are_initialized():  # pylint: disable=protected-access
     raise RuntimeError("use_one_cpu_device_per_core must run before jax touches a device")
+  cores = os.cpu_count() or 1
+  if batch_size is not None:
+    cores = max(2**i for i in range(cores.bit_length()) if batch_size % 2**i == 0)
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
+                             f" --xla_force_host_platform_device_count={cores}").strip()
 
 
 def data_mesh(batch_size: int) -> Mesh | None:

@@ -2,7 +2,9 @@ r"""Pretrains iGPT: `python -m launch.train --config experiments/cifar10_tiny.py
 
 Resumes from the latest checkpoint in the workdir. Override config fields on the command line,
 e.g. `--config.total_steps=100`. When the config names no palette file and the workdir has none,
-one is fitted from the training split first and saved as workdir/palette.npy.
+one is fitted from the training split first and saved as workdir/palette.npy. On a CPU host, a
+config mesh that fills the devices (a -1) spans every core: each core is one XLA device
+(`sharding.use_one_cpu_device_per_core`) and the batch is split over them.
 """
 
 import logging as std_logging
@@ -56,10 +58,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  config = _CONFIG.value
+  if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
+    sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding.maybe_initialize_distributed()
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  ensure_palette(_CONFIG.value, _WORKDIR.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  ensure_palette(config, _WORKDIR.value)
+  train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -99,12 +99,20 @@ def test_data_mesh_uses_the_most_devices_that_split_the_batch():
 
 def test_one_cpu_device_per_core(tmp_path):
   """In a fresh process the host CPU becomes one device per core; a set count is kept."""
-  code = ("import os; from igpt_jax import sharding; sharding.use_one_cpu_device_per_core(); "
-          "import jax; print(jax.device_count(), os.cpu_count())")
-  run_with = lambda flags: subprocess.run(
-      [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
-      env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}).stdout
-  devices, cores = run_with("").split()
-  assert devices == cores
-  assert run_with("--xla_force_host_platform_device_count=3").split()[0] == "3"
+
+  def devices(flags, batch_size=None):
+    code = ("from igpt_jax import sharding; "
+            f"sharding.use_one_cpu_device_per_core({batch_size}); "
+            "import jax; print(jax.device_count())")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env=env).stdout
+    return int(out)
+
+  cores = os.cpu_count()
+  assert devices("") == cores
+  # With a batch: the largest power of two up to the core count that divides it.
+  assert devices("", batch_size=5) == 1
+  assert devices("", batch_size=32) == 2 ** (min(cores, 32).bit_length() - 1)
+  assert devices("--xla_force_host_platform_device_count=3") == 3
