@@ -17,8 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from igpt_jax import checkpoint
 from igpt_jax import finetune
 from igpt_jax import sharding
 
@@ -30,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the fine-t
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
   sharding.maybe_initialize_distributed()
   print(json.dumps(finetune.finetune(_CONFIG.value, _WORKDIR.value)))
 

@@ -49,6 +49,7 @@ _SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest ne
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
   sharding.use_one_cpu_device_per_core()
   cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples")

@@ -7,7 +7,6 @@ config mesh that fills the devices (a -1) spans every core: each core is one XLA
 (`sharding.use_one_cpu_device_per_core`) and the batch is split over them.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -20,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from igpt_jax import checkpoint
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
 from igpt_jax import sharding
@@ -47,17 +47,10 @@ def ensure_palette(config, workdir: str) -> None:
                                                          seed=config.seed))
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
   config = _CONFIG.value
   if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
     sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
