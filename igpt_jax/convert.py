@@ -362,16 +362,16 @@ def from_openai(variables: Mapping, **cfg_overrides):
   if cfg.n_classes:
     params["clf"] = fetch("model/clf/wclf", (cfg.n_classes, d)).T
   for i in range(cfg.n_layer):
-    tf_name = lambda rest: f"model/h{i}/{rest}"  # pylint: disable=cell-var-from-loop
+    layer = f"model/h{i}/"
     # [H, hd, D] each -> our fused [D, 3, H, hd].
-    qkv = [fetch(tf_name(f"attn/{n}_proj"), (h, hd, d)) for n in "qkv"]
+    qkv = [fetch(layer + f"attn/{n}_proj", (h, hd, d)) for n in "qkv"]
     params[f"h_{i}"] = {
-        "ln_1": {"g": fetch(tf_name("ln_1/g"), (d,))},
+        "ln_1": {"g": fetch(layer + "ln_1/g", (d,))},
         "attn": {"c_attn": np.stack(qkv).transpose(3, 0, 1, 2),
-                 "c_proj": fetch(tf_name("attn/c_proj"), (h, hd, d))},
-        "ln_2": {"g": fetch(tf_name("ln_2/g"), (d,))},
-        "c_fc": fetch(tf_name("mlp/c_fc/w"), (d, 4 * d)),
-        "c_proj": fetch(tf_name("mlp/c_proj/w"), (4 * d, d))}
+                 "c_proj": fetch(layer + "attn/c_proj", (h, hd, d))},
+        "ln_2": {"g": fetch(layer + "ln_2/g", (d,))},
+        "c_fc": fetch(layer + "mlp/c_fc/w", (d, 4 * d)),
+        "c_proj": fetch(layer + "mlp/c_proj/w", (4 * d, d))}
   if cfg.scan_layers:
     params = stack_blocks(params, cfg.n_layer)
   return cfg, params

@@ -1,4 +1,4 @@
-r"""Converts released iGPT weights (Hugging Face or OpenAI's TF release) into an igpt_jax checkpoint.
+r"""Converts released iGPT weights (Hugging Face or OpenAI's TF release) to an igpt_jax checkpoint.
 
   python -m launch.convert --hf_dir=path/to/imagegpt-small --workdir=/tmp/igpt_s
   python -m launch.convert --tf_checkpoint=s/model.ckpt-1000000 \
