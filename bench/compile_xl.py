@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from bench import common
 from igpt_jax import model as model_lib
 from igpt_jax import sharding
-from igpt_jax import train
+from igpt_jax import steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/igpt_xl.py", "Experiment.")
 flags.DEFINE_integer("devices", 64, "Fake host devices (read before jax starts).")
@@ -40,15 +40,15 @@ GIB = 2 ** 30
 
 def main(_):
   config = _CONFIG.value
-  cfg = train.model_config(config.model)
+  cfg = model_lib.model_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
-  tx = train.make_optimizer(config.lr, config.total_steps, config.warmup_steps, config.grad_clip)
+  tx = steps.make_optimizer(config.lr, config.total_steps, config.warmup_steps, config.grad_clip)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state = train.abstract_train_state(cfg, tx, mesh)
+    state = steps.abstract_train_state(cfg, tx, mesh)
     batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, cfg.n_ctx), jnp.int32,
                                             sharding=sharding.batch_sharding(mesh))}
-    step = train.make_train_step(train.loss_fn(cfg), tx, train.state_shardings(cfg, tx, mesh),
+    step = steps.make_train_step(steps.loss_fn(cfg), tx, steps.state_shardings(cfg, tx, mesh),
                                  accum_steps=config.accum_steps, seed=config.seed)
     compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -19,12 +19,10 @@ from absl import app, flags
 import numpy as np
 
 from bench import common
+from experiments import base
 from igpt_jax import data
 
-_CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                      "cifar10", "train.npz")
-
-flags.DEFINE_string("data", os.path.normpath(_CIFAR), "dataset name or local path")
+flags.DEFINE_string("data", base.LOCAL_CIFAR10, "dataset name or local path")
 flags.DEFINE_string("split", "train[:45000]", "training split")
 flags.DEFINE_enum("augment", "cifar", data.AUGMENTS, "augmentation")
 flags.DEFINE_list("n_px", ["32", "16"], "resolutions to time (16 = the README demo's)")

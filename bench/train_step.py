@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 
 from bench import common
-from igpt_jax import sharding, train
+from igpt_jax import sharding
+from igpt_jax import steps as steps_lib
 from igpt_jax.model import IGPTConfig
 
 flags.DEFINE_integer("n_px", 32, "image side; T = n_px**2")
@@ -43,12 +44,13 @@ LR = 3e-4
 
 
 def time_ours(cfg, batch, steps):
-  """Times `igpt_jax.train`'s real step. -> (s/step, compile + first step s, first, last loss)."""
+  """Times `igpt_jax.steps`' real step. -> (s/step, compile + first step s, first, last loss)."""
   mesh = sharding.make_mesh()
-  tx = train.make_optimizer(LR, total_steps=steps + 1, schedule="constant")
+  tx = steps_lib.make_optimizer(LR, total_steps=steps + 1, schedule="constant")
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state = train.create_train_state(cfg, tx, mesh, jax.random.key(0))
-    step = train.make_train_step(train.loss_fn(cfg), tx, train.state_shardings(cfg, tx, mesh))
+    state = steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(0))
+    step = steps_lib.make_train_step(steps_lib.loss_fn(cfg), tx,
+                                     steps_lib.state_shardings(cfg, tx, mesh))
     batch = sharding.shard_batch({"tokens": common.random_tokens(cfg, batch)}, mesh)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

@@ -8,17 +8,14 @@ stay within CPU minutes on a shared 2-core machine the probe uses 5,000 of the 4
 images and 2,000 of the 5,000 held-out ones (experiments/probe_cifar10.py uses all of them).
 """
 
-import os
-
 import ml_collections
 
-_LOCAL = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                       "shared", "data", "cifar10", "train.npz"))
+from experiments import base
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.data = dict(name=_LOCAL if os.path.exists(_LOCAL) else "cifar10",
+  c.data = dict(name=base.cifar10(),
                 train_split="train[:5000]", eval_split="train[45000:47000]")
   c.model = {}  # empty: whatever the checkpoint holds; else fields it must match
   c.layers = ()  # empty: all, 0..n_layer

@@ -2,11 +2,23 @@
 
 Layout: `workdir/checkpoints/<step>/{params, opt_state, meta}`. `meta` holds the model config,
 the palette (so a checkpoint decodes its own samples), the step, the data position (the number
-of batches consumed: the input pipeline is a pure function of (seed, position)) and the
-training config. Weights-only checkpoints (`save_params`, converted models) have no opt_state.
+of batches consumed: the input pipeline is a pure function of (seed, position)), the training
+config and the loop's own state (e.g. the best held-out accuracy so far). Weights-only
+checkpoints (`save_params`, converted models) have no opt_state.
+
+A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
+warning that names its step and why: `load` and `restore` fall back to the newest one that
+reads; none readable is one error naming every step tried. Nothing is deleted; the training
+loop moves an unreadable step to `workdir/unreadable_checkpoints/` so it neither counts as kept
+nor blocks a new save of that step.
+
+Runs that evaluate held-out accuracy save it as the checkpoint's orbax metric: the manager
+(`best_metric=`) keeps the best one on disk besides the last `keep`, and `load(workdir, "best")`
+returns it.
 
   load(workdir, step=None) -> (IGPTConfig, params, palette)   probes, sampling, notebooks
   read_meta(workdir, step=None) -> dict                        what a checkpoint records
+  best_step(workdir, metric) -> step                           highest metric on disk
   save_params(workdir, cfg, params, palette, step=0)           converted weights
   manager / save / restore                                     the training loop
 """
@@ -16,9 +28,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -45,28 +59,110 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  """Async manager that keeps the last `keep` checkpoints (None: all)."""
+BEST_METRIC = "eval_accuracy"
+
+
+class UnreadableCheckpoint(Exception):
+  """A checkpoint step whose files do not restore."""
+
+  def __init__(self, step: int, cause: Exception):
+    first_line = (str(cause).strip().splitlines() or [""])[0][:300]
+    super().__init__(f"step {step}: {type(cause).__name__}: {first_line}")
+    self.step = step
+
+
+def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_only: bool = False,
+            best_metric: str | None = None) -> ocp.CheckpointManager:
+  """Async manager that keeps the last `keep` checkpoints (None: all).
+
+  best_metric: also keep, whatever its age, the checkpoint with the highest value of that
+  metric (orbax's BestN preservation; saves pass `metrics={best_metric: value}`).
+  """
   if read_only:
-    keep, save_every = None, 0
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
-                                         create=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  else:
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    # Ties go to the earlier step (a tie is no gain); orbax writes metrics only with a best_fn.
+    best_fn = (lambda m: (m[best_metric], -m["step"])) if best_metric else None
+    if best_fn:
+      policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=best_fn, n=1,
+                                                    keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, best_fn=best_fn, best_mode="max",
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def make_meta(cfg: model_lib.IGPTConfig, palette, step: int, config: dict | None = None) -> dict:
+def make_meta(cfg: model_lib.IGPTConfig, palette, step: int, config: dict | None = None,
+              loop: dict | None = None) -> dict:
   return {"model": cfg.to_dict(), "palette": np.asarray(palette, np.float32).tolist(),
-          "step": int(step), "data_position": int(step), "config": config or {}}
+          "step": int(step), "data_position": int(step), "config": config or {},
+          "loop": loop or {}}
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, *,
-         force: bool = False) -> bool:
-  """Starts an async save of step (if due or forced); True when a save was started."""
+         force: bool = False, metrics: dict | None = None) -> bool:
+  """Starts an async save of step (if due or forced); True when a save was started.
+
+  metrics: scalars the manager ranks checkpoints by (see `manager(best_metric=)`); the step is
+  added to them.
+  """
+  metrics = None if metrics is None else {**metrics, "step": int(step)}
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
+
+
+def _read(mngr: ocp.CheckpointManager, step: int, **items):
+  """mngr.restore of the named items of step; any failure is an UnreadableCheckpoint."""
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, missing files...
+    raise UnreadableCheckpoint(step, e) from e
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return _read(mngr, step, meta=ocp.args.JsonRestore())["meta"]
+
+
+def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any],
+                    set_aside: str | None = None):
+  """-> (step, read(step)) for the newest step whose read does not raise UnreadableCheckpoint.
+
+  Each unreadable step is logged as a warning (and moved into the folder `set_aside` if given,
+  by process 0); with none readable, one FileNotFoundError naming every step tried and why.
+  """
+  failures = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, read(step)
+    except UnreadableCheckpoint as e:
+      failures.append(str(e))
+      where = ""
+      if set_aside:
+        where = f"; moved to {_set_aside(mngr, step, set_aside)}"
+      logging.warning("checkpoint %s/%d cannot be read, skipping it (%s)%s", mngr.directory,
+                      step, e, where)
+  if set_aside and failures:
+    mngr.reload()
+  raise FileNotFoundError(f"no readable checkpoint in {mngr.directory}: "
+                          + ("; ".join(failures) if failures else "no steps present"))
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, folder: str) -> str:
+  """Moves step's directory into folder (process 0; every process waits for it)."""
+  dest = os.path.join(folder, str(step))
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    n = 1
+    while os.path.exists(dest):  # the same step may go bad twice
+      dest, n = os.path.join(folder, f"{step}.{n}"), n + 1
+    shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+  mngr.reload()
+  return dest
 
 
 def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None:
@@ -81,18 +177,23 @@ def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
-            cfg: model_lib.IGPTConfig, step: int | None = None):
-  """-> (params, opt_state, meta) of step (default latest), placed like the abstract targets.
+            cfg: model_lib.IGPTConfig, step: int | None = None, set_aside: str | None = None):
+  """-> (params, opt_state, meta) of step (default: the newest readable one; see
+  `newest_readable`), placed like the abstract targets.
 
   abstract_*: trees of jax.ShapeDtypeStruct with shardings, so arrays land sharded directly.
+  A checkpoint of another model is a ValueError, never skipped.
   """
-  step = mngr.latest_step() if step is None else step
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  check_compatible(meta["model"], cfg, f"{mngr.directory}/{step}")
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      opt_state=ocp.args.StandardRestore(abstract_opt_state)))
-  return out["params"], out["opt_state"], meta
+  def read(step):
+    meta = _read_meta(mngr, step)
+    check_compatible(meta["model"], cfg, f"{mngr.directory}/{step}")
+    out = _read(mngr, step, params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state))
+    return out["params"], out["opt_state"], meta
+
+  if step is not None:
+    return read(step)
+  return newest_readable(mngr, read, set_aside)[1]
 
 
 def _single_device_target(cfg: model_lib.IGPTConfig):
@@ -106,36 +207,63 @@ def _abstract_params(cfg: model_lib.IGPTConfig):
   return jax.eval_shape(model_lib.init_params, cfg, jax.random.key(0))
 
 
-def _open(workdir: str, step: int | None):
-  """-> (read-only manager, step: the given one, or the latest)."""
+def _open(workdir: str, step: int | str | None):
+  """-> (read-only manager, step: the given one, the best (step="best") or None for newest)."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)})")
   mngr = manager(workdir, read_only=True)
   steps = mngr.all_steps()
+  if step == "best":
+    step = _best_step(mngr, BEST_METRIC)
   if not steps or (step is not None and step not in steps):
     raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
                             f"{checkpoint_dir(workdir)}; steps present: {sorted(steps)}")
-  return mngr, max(steps) if step is None else step
+  return mngr, step
 
 
-def read_meta(workdir: str, step: int | None = None) -> dict:
-  """The JSON record of a checkpoint: model, palette, step, data_position, config."""
+def _best_step(mngr: ocp.CheckpointManager, metric: str) -> int:
+  scored = [(m[metric], s) for s in mngr.all_steps()
+            if (m := mngr.metrics(s)) is not None and metric in m]
+  if not scored:
+    raise FileNotFoundError(f"no checkpoint in {mngr.directory} records {metric!r}")
+  return max(scored, key=lambda ms: (ms[0], -ms[1]))[1]  # ties: the earlier step, as BestN
+
+
+def best_step(workdir: str, metric: str = BEST_METRIC) -> int:
+  """The step of the checkpoint with the highest `metric` (what the manager keeps as best)."""
+  mngr, _ = _open(workdir, None)
+  step = _best_step(mngr, metric)
+  mngr.close()
+  return step
+
+
+def _read_one(mngr, step: int | None, read: Callable[[int], Any]):
+  return read(step) if step is not None else newest_readable(mngr, read)[1]
+
+
+def read_meta(workdir: str, step: int | str | None = None) -> dict:
+  """The JSON record of a checkpoint: model, palette, step, data_position, config, loop."""
   mngr, step = _open(workdir, step)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta = _read_one(mngr, step, lambda s: _read_meta(mngr, s))
   mngr.close()
   return meta
 
 
-def load(workdir: str, step: int | None = None):
-  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint (default latest).
+def load(workdir: str, step: int | str | None = None):
+  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint.
 
+  step: an int, "best" (highest held-out accuracy) or None (the newest readable one).
   Parameters only (no optimizer state), on the first local device.
   """
   mngr, step = _open(workdir, step)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  cfg = model_lib.IGPTConfig.from_dict(meta["model"])
-  params = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_single_device_target(cfg))))["params"]
+
+  def read(step):
+    meta = _read_meta(mngr, step)
+    cfg = model_lib.IGPTConfig.from_dict(meta["model"])
+    params = _read(mngr, step, params=ocp.args.StandardRestore(_single_device_target(cfg)))
+    return cfg, params["params"], meta
+
+  cfg, params, meta = _read_one(mngr, step, read)
   mngr.close()
   return cfg, params, palette_lib.check_palette(np.asarray(meta["palette"], np.float32))
 

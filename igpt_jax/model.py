@@ -11,6 +11,8 @@ Every parameter is declared with logical axis names and the activations are cons
 `batch`/`length`/`embed`, so `igpt_jax.sharding` can lay the model over any mesh; without a mesh
 the annotations are no-ops.
 
+Configs: `IGPTConfig`, `preset(name, **overrides)`, `model_config(config.model)`.
+
 Entry points (all through `IGPT(cfg).apply({"params": p}, ..., method=...)`):
   __call__(tokens[B, T], bert_mask=None) -> logits[B, T, V]
   features(tokens, layers, reading)      -> {layer: [B, D]} mean-pooled taps (linear probes)
@@ -136,6 +138,14 @@ def preset(name: str, **overrides) -> IGPTConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
   return _replace_checked(IGPTConfig(**PRESETS[name]), overrides)
+
+
+def model_config(fields: Mapping) -> IGPTConfig:
+  """A run config's `model` entry -> IGPTConfig: `preset` (igpt_s|m|l|xl) plus overrides, or all
+  fields."""
+  fields = dict(fields)
+  name = fields.pop("preset", None)
+  return preset(name, **fields) if name else IGPTConfig.from_dict(fields)
 
 
 def param_count(cfg: IGPTConfig) -> int:
@@ -333,34 +343,38 @@ class IGPT(nn.Module):
 
   # -- trunk --------------------------------------------------------------------------------
 
-  def _trunk(self, x, decode_index=None):
-    """Runs the blocks. Returns h [B, S, D] (float32, pre-ln_f) and taps {reading: [L, B, D]}."""
+  def _trunk(self, x, decode_index=None, depth=None):
+    """Runs the first `depth` blocks (default all; scan_layers runs all).
+
+    Returns h [B, S, D] (float32 residual after the last block run) and taps {reading: [L, B, D]}.
+    """
     if self.cfg.scan_layers:
       return self.blocks(x, decode_index)
     per_layer = []
-    for block in self.blocks:
+    for block in self.blocks[:depth]:
       x, taps = block(x, decode_index)
       per_layer.append(taps)
     return x, jax.tree.map(lambda *t: jnp.stack(t), *per_layer)
 
-  def _logits(self, h):  # [B, S, D] -> [B, S, V] float32
+  def _head(self, h):
+    """h [B, S, D] -> (ln_f output [B, S, D], logits [B, S, V] float32)."""
     hn = self.ln_f(h)
     logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype))
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return hn, nn.with_logical_constraint(logits.astype(jnp.float32),
+                                          ("batch", "length", "vocab"))
 
   def __call__(self, tokens, bert_mask=None):
     """tokens [B, T] int -> logits [B, T, V] float32."""
     h, _ = self._trunk(self._embed(tokens, bert_mask))
-    return self._logits(h)
+    return self._head(h)[1]
 
   def classify(self, tokens, bert_mask=None):
     """-> (logits [B, T, V], class_logits [B, C]); the classifier reads mean(ln_f(h))."""
     if not self.cfg.n_classes:
       raise ValueError("classify needs IGPTConfig.n_classes > 0")
     h, _ = self._trunk(self._embed(tokens, bert_mask))
-    hn = self.ln_f(h)
-    logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype)).astype(jnp.float32)
-    pooled = jnp.mean(hn.astype(jnp.float32), axis=1)
+    hn, logits = self._head(h)
+    pooled = jnp.mean(hn.astype(jnp.float32), axis=1)  # [B, D]
     return logits, pooled @ self.clf.astype(jnp.float32)
 
   def features(self, tokens, layers: Iterable[int] | None = None, reading: str = "ln1",
@@ -376,22 +390,10 @@ class IGPT(nn.Module):
     check_layers(cfg, layers)
     if reading not in READINGS:
       raise ValueError(f"reading={reading!r}; expected one of {READINGS}")
-    x = self._embed(tokens, bert_mask)
-    if cfg.scan_layers or max(layers) == cfg.n_layer:
-      h, taps = self._trunk(x)
-    else:
-      per_layer = []
-      for block in self.blocks[:max(layers) + 1]:
-        x, t = block(x)
-        per_layer.append(t)
-      h, taps = None, jax.tree.map(lambda *t: jnp.stack(t), *per_layer)
-    out = {}
-    for layer in layers:
-      if layer == cfg.n_layer:
-        out[layer] = jnp.mean(self.ln_f(h).astype(jnp.float32), axis=1)
-      else:
-        out[layer] = taps[reading][layer]
-    return out
+    h, taps = self._trunk(self._embed(tokens, bert_mask), depth=max(layers) + 1)
+    # ln_f alone (not the whole head): the output table's matmul is not a feature.
+    return {layer: (jnp.mean(self.ln_f(h).astype(jnp.float32), axis=1) if layer == cfg.n_layer
+                    else taps[reading][layer]) for layer in layers}
 
   def decode(self, ids, index):
     """Incremental AR forward over positions [index, index + S) with a KV cache.
@@ -407,7 +409,7 @@ class IGPT(nn.Module):
     x = self._embed_ids(ids)
     x = x + jax.lax.dynamic_slice_in_dim(self.wpe.astype(jnp.float32), index, s)[None]
     h, _ = self._trunk(x, decode_index=index)
-    return self._logits(h)
+    return self._head(h)[1]
 
 
 def check_layers(cfg: IGPTConfig, layers) -> None:

@@ -392,10 +392,9 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
 
   config: see experiments/probe_cifar10.py. Returns the dict written to results.json.
   """
-  from igpt_jax import train as train_lib  # pylint: disable=import-outside-toplevel
   cfg, params, palette = ckpt_lib.load(workdir, step)
   if config.get("model"):
-    ckpt_lib.check_compatible(cfg.to_dict(), train_lib.model_config(config.model), workdir)
+    ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(config.model), workdir)
   layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
   model_lib.check_layers(cfg, layers)
   n_dev = jax.local_device_count()

@@ -1,10 +1,12 @@
-r"""Fine-tunes a pretrained run as a classifier (L_GEN + L_CLF, early stopping on held-out).
+r"""Fine-tunes a pretrained run as a classifier: launch/train.py with a fine-tuning config.
 
   python -m launch.finetune --config experiments/finetune_cifar10.py \
       --config.init_workdir=PRETRAINED_RUN --workdir W
 
-Writes the best model (with its classifier) as W's checkpoint, W/finetune_metrics.jsonl and
-W/finetune_results.json (held-out and, if config.test_split, test accuracy).
+The training loop (igpt_jax/train.py) starts from init_workdir's parameters, trains L_GEN + L_CLF,
+evaluates held-out accuracy on the eval schedule, keeps the best checkpoint on disk, resumes
+after preemption and stops early on config.patience. Then, if config.test_split is set, the
+best checkpoint's accuracy on it goes with the held-out figures into W/finetune_results.json.
 """
 
 import json
@@ -17,24 +19,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
+import flax.linen as nn
+import jax
 
 from igpt_jax import checkpoint
-from igpt_jax import finetune
+from igpt_jax import data
 from igpt_jax import sharding
+from igpt_jax import train
+from launch import train as train_script  # defines --config and --workdir
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for the fine-tuned model.")
+
+def test_accuracy(config, workdir: str) -> float:
+  """Accuracy of workdir's best checkpoint on config.test_split."""
+  cfg, params, palette = checkpoint.load(workdir, "best")
+  mesh = sharding.make_mesh(config.mesh)
+  batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
+                              palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
+    return train.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
-  sharding.maybe_initialize_distributed()
-  print(json.dumps(finetune.finetune(_CONFIG.value, _WORKDIR.value)))
+  config, workdir = train_script._CONFIG.value, train_script._WORKDIR.value  # pylint: disable=protected-access
+  if not config.init_workdir:
+    raise app.UsageError("--config.init_workdir must name the pretraining run to fine-tune")
+  last = train_script.run(config, workdir)
+  results = {"best_step": last["best_step"], "held_out_accuracy": last["best_eval_accuracy"]}
+  if config.test_split:
+    results["test_accuracy"] = test_accuracy(config, workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "finetune_results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  print(json.dumps(results))
 
 
 if __name__ == "__main__":

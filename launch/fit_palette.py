@@ -5,8 +5,10 @@ r"""Fits the k-colour palette (k-means on RGB in [-1, 1]) to pixels of a trainin
       --n_px 32 --out palette.npy
 
 With --config, the data, split and resolution come from `config.data` and `config.model.n_px`;
---data names a dataset (tfds name or local path) directly. Pixels are taken from the first
---images images of the split at the model's resolution, as the tokenizer will see them.
+--data names a dataset (tfds name or local path) directly. The recipe is
+`data.fit_split_palette`, the one launch/train.py uses: pixels of the first --images images of
+the split at the model's resolution, as the tokenizer will see them (here a random --n_pixels of
+them; launch/train.py fits all).
 """
 import os
 import sys
@@ -19,7 +21,6 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import numpy as np
 
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
@@ -46,13 +47,11 @@ def main(argv):
   data_cfg = config.data if config is not None else {"name": _DATA.value}
   split = _SPLIT.value or dict(data_cfg).get("train_split", "train")
   n_px = _N_PX.value or (config.model.get("n_px") if config is not None else None)
-  images, _ = data.load_images(data_cfg, split, _IMAGES.value, n_px=n_px)
-  pixels = images.reshape(-1, 3)
-  rng = np.random.default_rng(_SEED.value)
-  pixels = pixels[rng.choice(len(pixels), min(_N_PIXELS.value, len(pixels)), replace=False)]
-  logging.info("fitting %d colours to %d pixels of %d images (%s %s, n_px %s)", _K.value,
-               len(pixels), len(images), dict(data_cfg)["name"], split, n_px)
-  palette = palette_lib.fit_palette(pixels, _K.value, steps=_STEPS.value, seed=_SEED.value)
+  logging.info("fitting %d colours to up to %d pixels of the first %d images (%s %s, n_px %s)",
+               _K.value, _N_PIXELS.value, _IMAGES.value, dict(data_cfg)["name"], split, n_px)
+  palette = data.fit_split_palette(data_cfg, split, n_px=n_px, k=_K.value, images=_IMAGES.value,
+                                   n_pixels=_N_PIXELS.value, steps=_STEPS.value, seed=_SEED.value)
+  pixels = data.load_images(data_cfg, split, _IMAGES.value, n_px=n_px)[0]
   logging.info("mean squared error %.5f (in [-1, 1] units)",
                palette_lib.distortion(pixels, palette))
   palette_lib.save_palette(_OUT.value, palette)

@@ -7,7 +7,7 @@ import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import sharding
-from igpt_jax import train
+from igpt_jax import steps
 from igpt_jax.model import IGPTConfig, init_params
 
 CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=16, n_head=2, vocab_size=16)
@@ -46,12 +46,12 @@ def test_load_and_save_errors(tmp_path):
 def saved_run(workdir, cfg=CFG, step=3):
   """Saves a train state (params moved off init) the way the loop does; -> (state, tx, mesh)."""
   mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  tx = train.make_optimizer(1e-3, 10)
+  tx = steps.make_optimizer(1e-3, 10)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    state = train.create_train_state(cfg, tx, mesh, jax.random.key(0))
+    state = steps.create_train_state(cfg, tx, mesh, jax.random.key(0))
     tokens = np.arange(2 * cfg.n_ctx, dtype=np.int32).reshape(2, -1) % cfg.vocab_size
-    state, _ = train.make_train_step(train.loss_fn(cfg), tx,
-                                     train.state_shardings(cfg, tx, mesh))(state, {"tokens": tokens})
+    state, _ = steps.make_train_step(steps.loss_fn(cfg), tx,
+                                     steps.state_shardings(cfg, tx, mesh))(state, {"tokens": tokens})
   mngr = checkpoint.manager(workdir)
   checkpoint.save(mngr, step, state.params, state.opt_state,
                   checkpoint.make_meta(cfg, PALETTE, step, {"lr": 1e-3}))
@@ -62,7 +62,7 @@ def saved_run(workdir, cfg=CFG, step=3):
 def test_restore_train_state_sharded(tmp_path):
   state, tx, _ = saved_run(str(tmp_path))
   mesh = sharding.make_mesh((2, 2, 2))  # restore onto another layout than the one saved
-  abstract = train.abstract_train_state(CFG, tx, mesh)
+  abstract = steps.abstract_train_state(CFG, tx, mesh)
   params, opt_state, meta = checkpoint.restore(checkpoint.manager(str(tmp_path)),
                                                abstract.params, abstract.opt_state, CFG)
   assert meta["step"] == meta["data_position"] == 3 and meta["config"] == {"lr": 1e-3}
@@ -75,7 +75,7 @@ def test_restore_refuses_another_model(tmp_path):
   saved_run(str(tmp_path))
   other = CFG.replace(n_embd=32)
   mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
-  abstract = train.abstract_train_state(other, train.make_optimizer(1e-3, 10), mesh)
+  abstract = steps.abstract_train_state(other, steps.make_optimizer(1e-3, 10), mesh)
   with pytest.raises(ValueError, match="n_embd: checkpoint 16 vs config 32"):
     checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract.params, abstract.opt_state,
                        other)

@@ -1,6 +1,11 @@
-"""Fine-tuning: the sharded step lowers the classifier loss; BERT k-mask modal predictions."""
+"""Fine-tuning: classifier loss and k-mask predictions; the loop's fine-tuning mode (best
+checkpoint on disk, early stop, exact resume after SIGTERM)."""
 
 import json
+import pathlib
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +13,16 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
+from igpt_jax import checkpoint
+from igpt_jax import data
 from igpt_jax import finetune
 from igpt_jax import model as model_lib
 from igpt_jax import sharding
+from igpt_jax import steps
 from igpt_jax import train
+from tests import test_train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 BASE = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -34,14 +45,12 @@ def test_with_classifier_adds_a_zero_head():
 def test_sharded_steps_reduce_classifier_loss():
   cfg, params = finetune.with_classifier(BASE, model_lib.init_params(BASE, jax.random.key(0)), 2)
   mesh = sharding.make_mesh((-1, 1, 1))  # the 8 fake CPU devices
-  tx = train.make_optimizer(1e-2, 10, schedule="constant")
+  tx = steps.make_optimizer(1e-2, 10, schedule="constant")
   batch = _separable(16, 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    shardings = train.state_shardings(cfg, tx, mesh)
-    params = jax.device_put(params, shardings.params)
-    state = train.TrainState(step=jax.device_put(jnp.int32(0), shardings.step), params=params,
-                             opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-    step = train.make_train_step(finetune.loss_fn(cfg), tx, shardings)
+    shardings = steps.state_shardings(cfg, tx, mesh)
+    state = steps.state_from_params(params, tx, shardings)
+    step = steps.make_train_step(finetune.loss_fn(cfg), tx, shardings)
     losses = []
     for _ in range(8):
       state, metrics = step(state, sharding.shard_batch(batch, mesh))
@@ -70,28 +79,104 @@ def test_bert_k_mask_prediction_is_the_modal_class():
   assert len({tuple(p) for p in per_mask}) > 1  # the masks do change predictions
 
 
-def test_finetune_end_to_end_keeps_the_best_model(tmp_path):
-  from experiments import finetune_cifar10_tiny
-  from igpt_jax import checkpoint
-
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A separable labelled .npz of 2x2 images and a (random-init) pretrained run on them."""
+  d = tmp_path_factory.mktemp("pretrained")
   separable = _separable(48, 3)
   # 2x2 images whose 4 pixels are the first 4 tokens, in a palette of 16 grey levels.
   palette = np.repeat(np.linspace(-1, 1, 16, dtype=np.float32)[:, None], 3, axis=1)
   images = np.rint(127.5 * (palette[separable["tokens"][:, :4]] + 1)).astype(np.uint8)
-  np.savez(tmp_path / "tiny.npz", images=images.reshape(48, 2, 2, 3), labels=separable["labels"])
+  np.savez(d / "tiny.npz", images=images.reshape(48, 2, 2, 3), labels=separable["labels"])
   cfg = BASE.replace(n_px=2)
-  checkpoint.save_params(str(tmp_path / "pre"), cfg, model_lib.init_params(cfg, jax.random.key(0)),
+  checkpoint.save_params(str(d / "pre"), cfg, model_lib.init_params(cfg, jax.random.key(0)),
                          palette)
+  return d
+
+
+def finetune_config(pretrained, **overrides):
+  from experiments import finetune_cifar10_tiny  # pylint: disable=import-outside-toplevel
   config = finetune_cifar10_tiny.get_config()
-  config.init_workdir = str(tmp_path / "pre")
-  config.data = dict(name=str(tmp_path / "tiny.npz"), train_split="train[:32]",
+  config.init_workdir = str(pretrained / "pre")
+  config.data = dict(name=str(pretrained / "tiny.npz"), train_split="train[:32]",
                      eval_split="train[32:40]", augment="none")
   config.test_split = "train[40:]"
-  config.update(dict(n_classes=2, batch_size=8, total_steps=6, eval_every=2, patience=5, lr=1e-2))
-  results = finetune.finetune(config, str(tmp_path / "ft"))
-  lines = [json.loads(l) for l in open(tmp_path / "ft" / "finetune_metrics.jsonl")]
-  assert [l["step"] for l in lines] == [2, 4, 6]
-  assert results["held_out_accuracy"] == max(l["held_out_accuracy"] for l in lines)
-  assert 0.0 <= results["test_accuracy"] <= 1.0
-  ft_cfg, params, _ = checkpoint.load(str(tmp_path / "ft"))
-  assert ft_cfg.n_classes == 2 and params["clf"].shape == (cfg.n_embd, 2)
+  config.update(dict(n_classes=2, batch_size=8, total_steps=6, eval_every=2, checkpoint_every=2,
+                     patience=5, lr=1e-2, log_every=1, keep_checkpoints=1))
+  config.update(overrides)
+  return config
+
+
+def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
+  workdir = str(tmp_path / "ft")
+  last = train.train_and_evaluate(finetune_config(pretrained), workdir)
+  lines = [json.loads(l) for l in open(tmp_path / "ft" / "metrics.jsonl")]
+  evals = {l["step"]: l["eval_accuracy"] for l in lines if "eval_accuracy" in l}
+  assert sorted(evals) == [2, 4, 6] and all("eval_loss" in l for l in lines if l["step"] in evals)
+  assert all("train_loss" in l and "train_clf_loss" in l for l in lines)
+  best = max(evals, key=lambda s: (evals[s], -s))  # ties: the earlier step
+  assert last["best_step"] == checkpoint.best_step(workdir) == best
+  assert last["best_eval_accuracy"] == evals[best]
+  # keep_checkpoints=1: the newest, and the best by held-out accuracy whatever its age.
+  assert set(checkpoint.manager(workdir, read_only=True).all_steps()) == {best, 6}
+  ft_cfg, params, palette = checkpoint.load(workdir, "best")
+  assert ft_cfg.n_classes == 2 and params["clf"].shape == (ft_cfg.n_embd, 2)
+  config = finetune_config(pretrained)
+  mesh = sharding.make_mesh(config.mesh)
+  batches = data.make_dataset(config.data, split=config.data.eval_split, batch_size=8,
+                              palette=palette, n_px=2, train=False)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    params = jax.device_put(params, sharding.param_shardings(ft_cfg, mesh))
+    assert train.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
+
+
+def test_finetune_stops_after_patience(pretrained, tmp_path):
+  # lr 0: the accuracy never moves, so the second evaluation has no gain.
+  config = finetune_config(pretrained, lr=0.0, total_steps=20, patience=1)
+  last = train.train_and_evaluate(config, str(tmp_path))
+  assert last["best_step"] == 2
+  assert max(json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")) == 4
+
+
+# -- through launch/finetune.py, with preemption ---------------------------------------------
+
+FT_STEPS = 40
+
+
+def launch_finetune(pretrained, workdir):
+  config = REPO / "experiments" / "finetune_cifar10_tiny.py"
+  args = [sys.executable, "-m", "launch.finetune", f"--config={config}", f"--workdir={workdir}",
+          f"--config.init_workdir={pretrained / 'pre'}",
+          f"--config.data.name={pretrained / 'tiny.npz'}", "--config.data.train_split=train[:32]",
+          "--config.data.eval_split=train[32:40]", "--config.data.augment=none",
+          "--config.test_split=train[40:]", "--config.n_classes=2", "--config.batch_size=8",
+          f"--config.total_steps={FT_STEPS}", "--config.eval_every=10",
+          "--config.checkpoint_every=10", "--config.log_every=1", "--config.lr=0.003",
+          "--config.patience=0"]
+  return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_finetune_resumes_exactly_after_sigterm(pretrained, tmp_path):
+  whole = tmp_path / "whole"
+  out, err = launch_finetune(pretrained, whole).communicate(timeout=600)
+  assert "test_accuracy" in json.loads(out.strip().splitlines()[-1]), err[-3000:]
+  cut = tmp_path / "cut"
+  proc = launch_finetune(pretrained, cut)
+  err = test_train.interrupt(proc, cut, signal.SIGTERM, after_step=15)
+  assert proc.returncode == 0 and "preempted: saved step" in err, err[-3000:]
+  resumed_from = checkpoint.manager(str(cut), read_only=True).latest_step()
+  assert 15 <= resumed_from < FT_STEPS
+  proc = launch_finetune(pretrained, cut)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0 and f"resumed from step {resumed_from}" in err, err[-3000:]
+  want, got = test_train.read_metrics(whole), test_train.read_metrics(cut)
+  after = range(resumed_from + 1, FT_STEPS + 1)
+  for key in ("train_loss", "train_clf_loss"):
+    np.testing.assert_allclose([got[s][key] for s in after], [want[s][key] for s in after],
+                               rtol=0, atol=1e-6)
+  assert [got[s]["eval_accuracy"] for s in (20, 30, 40)] == [want[s]["eval_accuracy"]
+                                                             for s in (20, 30, 40)]
+  assert json.load(open(cut / "finetune_results.json")) == json.load(
+      open(whole / "finetune_results.json"))

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from igpt_jax import sharding
-from igpt_jax import train
+from igpt_jax import steps
 from igpt_jax.model import IGPTConfig
 
 CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=4, vocab_size=64)
@@ -25,9 +25,9 @@ def run(mesh_shape, devices=None, accum_steps=1):
   # Tokens from 8 of the 64 ids: a pattern the model learns within the five steps.
   batches = np.random.default_rng(0).integers(0, 8, (STEPS, BATCH, CFG.n_ctx), dtype=np.int32)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    tx = train.make_optimizer(1e-2, STEPS, warmup_steps=1)
-    state = train.create_train_state(CFG, tx, mesh, jax.random.key(0))
-    step = train.make_train_step(train.loss_fn(CFG), tx, train.state_shardings(CFG, tx, mesh),
+    tx = steps.make_optimizer(1e-2, STEPS, warmup_steps=1)
+    state = steps.create_train_state(CFG, tx, mesh, jax.random.key(0))
+    step = steps.make_train_step(steps.loss_fn(CFG), tx, steps.state_shardings(CFG, tx, mesh),
                                  accum_steps=accum_steps)
     losses = []
     for tokens in batches:
@@ -57,8 +57,8 @@ def test_sharded_equals_single_device(single, mesh_shape):
 def test_layout_follows_rules():
   mesh = sharding.make_mesh((1, 4, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    tx = train.make_optimizer(1e-3, 10)
-    state = train.create_train_state(CFG, tx, mesh, jax.random.key(0))
+    tx = steps.make_optimizer(1e-3, 10)
+    state = steps.create_train_state(CFG, tx, mesh, jax.random.key(0))
   assert state.params["wte"].sharding.spec == P("tensor", "fsdp")  # [vocab, embed]
   assert state.params["h_0"]["c_fc"].sharding.spec == P("fsdp", "tensor")  # [embed, mlp]
   mu = state.opt_state[0].mu  # Adam's moments follow their parameters

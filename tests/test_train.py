@@ -20,6 +20,7 @@ import pytest
 from igpt_jax import checkpoint
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import steps
 from igpt_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,25 +56,25 @@ def read_metrics(workdir):
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-  lr = train.make_schedule(1e-3, total_steps=100, warmup_steps=10)
+  lr = steps.make_schedule(1e-3, total_steps=100, warmup_steps=10)
   assert float(lr(0)) == 0.0
   np.testing.assert_allclose(float(lr(5)), 5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
   np.testing.assert_allclose(float(lr(55)), 5e-4, rtol=1e-5)  # half-way down the cosine
   assert abs(float(lr(100))) < 1e-12
-  const = train.make_schedule(1e-3, total_steps=100, warmup_steps=10, schedule="constant")
+  const = steps.make_schedule(1e-3, total_steps=100, warmup_steps=10, schedule="constant")
   np.testing.assert_allclose([float(const(s)) for s in (5, 10, 100)], [5e-4, 1e-3, 1e-3],
                              rtol=1e-6)
   with pytest.raises(ValueError, match="schedule"):
-    train.make_schedule(1e-3, 10, schedule="linear")
+    steps.make_schedule(1e-3, 10, schedule="linear")
 
 
 def test_optimizer_is_adam_b2_095_with_clipping():
   params = {"w": jnp.ones(3)}
   grads = {"w": jnp.array([300.0, 400.0, 0.0])}  # norm 500
-  tx = train.make_optimizer(0.1, total_steps=10, grad_clip=1.0)
+  tx = steps.make_optimizer(0.1, total_steps=10, grad_clip=1.0)
   ref = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adam(train.make_schedule(0.1, 10), b1=0.9, b2=0.95))
+                    optax.adam(steps.make_schedule(0.1, 10), b1=0.9, b2=0.95))
   s, r = tx.init(params), ref.init(params)
   for _ in range(3):
     u, s = tx.update(grads, s, params)
@@ -87,7 +88,7 @@ def test_losses_at_init_and_bert_masking():
   tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
   rng = jax.random.key(2)
   # The output table starts at zero, so every prediction is uniform.
-  np.testing.assert_allclose(train.example_losses(cfg, params, tokens, rng), math.log(16),
+  np.testing.assert_allclose(steps.example_losses(cfg, params, tokens, rng), math.log(16),
                              rtol=1e-6)
   bert = cfg.replace(objective="bert")
   params = jax.tree.map(lambda p: p + 0.1, model_lib.init_params(bert, jax.random.key(0)))
@@ -95,8 +96,8 @@ def test_losses_at_init_and_bert_masking():
   logits = model_lib.IGPT(bert).apply({"params": params}, tokens, bert_mask=mask)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
   want = [ce[i][mask[i]].mean() for i in range(4)]  # masked positions only, per example
-  np.testing.assert_allclose(train.example_losses(bert, params, tokens, rng), want, rtol=1e-5)
-  loss, metrics = train.loss_fn(bert)(params, {"tokens": tokens}, rng)
+  np.testing.assert_allclose(steps.example_losses(bert, params, tokens, rng), want, rtol=1e-5)
+  loss, metrics = steps.loss_fn(bert)(params, {"tokens": tokens}, rng)
   np.testing.assert_allclose(metrics["bits_per_token"], loss / math.log(2), rtol=1e-6)
 
 
@@ -104,9 +105,9 @@ def test_eval_step_ignores_padding():
   cfg = model_lib.IGPTConfig(n_px=4, n_layer=1, n_embd=16, n_head=2, vocab_size=16)
   params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
   tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
-  per_example = train.example_losses(cfg, params, tokens, None)
+  per_example = steps.example_losses(cfg, params, tokens, None)
   valid = jnp.array([True, True, False, False])
-  total, count = train.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
+  total, count = steps.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
   assert float(count) == 2
   np.testing.assert_allclose(total, per_example[:2].sum(), rtol=1e-6)
 
@@ -147,6 +148,46 @@ def test_bad_data_stops_at_start(files, tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+def corrupt(workdir, step):
+  """Truncates the array files of a checkpoint, as a full disk or a copy cut short leaves them."""
+  root = pathlib.Path(workdir) / "checkpoints" / str(step)
+  arrays = [f for item in ("params", "opt_state") for f in (root / item).rglob("*")
+            if f.is_file() and f.parent.name == "d"]
+  assert arrays
+  for f in arrays:
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def test_unreadable_newest_checkpoint_is_skipped(files, tmp_path, caplog):
+  # A constant schedule, so a run extended from 20 to 30 steps trains as one of 30 from the start.
+  config = lambda total: tiny_config(files, total_steps=total, checkpoint_every=10,
+                                     eval_every=0, schedule="constant")
+  whole, run = str(tmp_path / "whole"), str(tmp_path / "run")
+  train.train_and_evaluate(config(30), whole)
+  train.train_and_evaluate(config(20), run)
+  corrupt(run, 20)
+  with caplog.at_level("WARNING"):
+    _, params, _ = checkpoint.load(run)
+  assert re.search(r"checkpoints/20 cannot be read, skipping it \(step 20: \w+", caplog.text)
+  jax.tree.map(np.testing.assert_array_equal, params, checkpoint.load(run, 10)[1])
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config(30), run)
+  assert "checkpoints/20 cannot be read" in caplog.text
+  assert "moved to" in caplog.text and os.path.isdir(tmp_path / "run" / "unreadable_checkpoints"
+                                                     / "20")  # kept, never deleted
+  assert checkpoint.manager(run, read_only=True).all_steps() == [10, 20, 30]
+  want, got = read_metrics(whole), read_metrics(run)
+  np.testing.assert_allclose([got[s]["train_loss"] for s in range(11, 31)],
+                             [want[s]["train_loss"] for s in range(11, 31)], rtol=0, atol=1e-6)
+  corrupt(run, 30)
+  corrupt(run, 20)
+  corrupt(run, 10)
+  with pytest.raises(FileNotFoundError, match="no readable checkpoint .*step 30: .*step 20: .*"
+                                              "step 10: "):
+    checkpoint.load(run)
+
+
 # -- end to end through launch/train.py, with preemption ------------------------------------
 
 STEPS = 60
@@ -184,6 +225,7 @@ def uninterrupted(files, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
   metrics = read_metrics(uninterrupted)
   assert sorted(metrics) == list(range(1, STEPS + 1))
@@ -198,6 +240,7 @@ def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
   assert checkpoint.manager(str(uninterrupted), read_only=True).latest_step() == STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   proc = launch(files, tmp_path)
@@ -216,6 +259,6 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   assert f"resumed from step {resumed_from}" in err
 
   want, got = read_metrics(uninterrupted), read_metrics(tmp_path)
-  steps = range(resumed_from + 1, STEPS + 1)
-  np.testing.assert_allclose([got[s]["train_loss"] for s in steps],
-                             [want[s]["train_loss"] for s in steps], rtol=0, atol=1e-6)
+  after = range(resumed_from + 1, STEPS + 1)
+  np.testing.assert_allclose([got[s]["train_loss"] for s in after],
+                             [want[s]["train_loss"] for s in after], rtol=0, atol=1e-6)

@@ -1,0 +1,57 @@
+r"""The base config: every field the training loop (igpt_jax/train.py) reads, defined once.
+
+Experiment files start from `get_config()` and override only what differs, with the reason.
+
+  cifar10(): the local CIFAR-10 file (`../shared/data/cifar10/train.npz` beside the checkout, for
+  offline machines) when present, else the tfds name "cifar10" (downloaded on first use).
+"""
+
+import os
+
+import ml_collections
+
+LOCAL_CIFAR10 = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                              "..", "shared", "data", "cifar10", "train.npz"))
+
+
+def cifar10() -> str:
+  """The data name of CIFAR-10 on this machine: the local .npz if present, else tfds."""
+  return LOCAL_CIFAR10 if os.path.exists(LOCAL_CIFAR10) else "cifar10"
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # fixes the init, the data order and augmentation, the BERT masks and the samples
+
+  # Input (igpt_jax/data.py; unset fields take data.DEFAULTS). Splits use tfds slicing syntax.
+  c.data = dict(name="", train_split="train", eval_split="test", augment="none")
+  c.palette = ""  # a (k, 3) .npy of colour centres; empty: fit one into workdir/palette.npy
+  c.model = {}  # IGPTConfig fields, or preset= plus overrides (model.model_config)
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+
+  # Optimisation: the paper's Adam (b1 .9, b2 .95), no weight decay.
+  c.total_steps = 1000  # optimizer steps; the run ends (or resumes up to) here
+  c.batch_size = 128  # global images per step; data x fsdp must divide it
+  c.accum_steps = 1  # microbatches per step (same batch, less memory)
+  c.lr = 1e-3  # peak learning rate
+  c.schedule = "cosine"  # after warm-up: "cosine" to 0 at total_steps, or "constant"
+  c.warmup_steps = 0  # linear warm-up from 0
+  c.grad_clip = 0.0  # global-norm clip; 0 is off
+
+  # The loop's schedule; every periodic action also runs at the last step. 0 is never.
+  c.log_every = 100  # train loss, rates -> console, metrics.jsonl, TensorBoard
+  c.eval_every = 1000  # held-out loss (and accuracy when fine-tuning)
+  c.eval_batches = 0  # held-out batches per evaluation; 0: the whole eval split
+  c.checkpoint_every = 1000  # also on SIGTERM / preemption and at every fine-tuning evaluation
+  c.keep_checkpoints = 3  # newest checkpoints kept (plus the best one when fine-tuning)
+  c.sample_every = 0  # PNG grid of samples and half-image completions (AR models only)
+
+  # Fine-tuning: set init_workdir to train a classifier on a pretrained run.
+  c.init_workdir = ""  # the run whose parameters start this one (its model and palette too)
+  c.init_step = 0  # its checkpoint step; 0: the newest readable one
+  c.n_classes = 0  # classifier width (labels of config.data)
+  c.gen_weight = 1.0  # L = gen_weight * L_GEN + L_CLF; the paper's 1:1, 0 for L_CLF alone
+  c.k_masks = 1  # BERT models: modal prediction over k random masks at evaluation
+  c.patience = 0  # evaluations without a held-out accuracy gain before stopping; 0: never
+  c.test_split = ""  # launch/finetune.py: the best checkpoint's accuracy on this split
+  return c

@@ -1,0 +1,198 @@
+"""The step library: optimizer, train state, losses and the jitted sharded train/eval steps.
+
+No loop, no I/O: igpt_jax/train.py (the loop), igpt_jax/finetune.py (classifier losses) and the
+benchmarks build on these.
+  make_optimizer(lr, total_steps, warmup_steps=0, grad_clip=0.0, schedule="cosine")
+  TrainState(step, params, opt_state)
+  state_shardings(cfg, tx, mesh) / create_train_state(cfg, tx, mesh, rng)
+  state_from_params(params, tx, shardings) -> TrainState at step 0 (fine-tuning starts here)
+  example_losses(cfg, params, tokens, rng) -> [B] nats/token;  loss_fn(cfg) -> fn(params, batch, rng)
+  make_train_step(loss_fn, tx, shardings, accum_steps=1, seed=0) -> step(state, batch)
+  make_eval_step(cfg) -> eval(params, batch, rng) -> (sum of losses, number of examples)
+
+Losses are in nats per token; bits per token = nats / ln 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from igpt_jax import model as model_lib
+from igpt_jax import sharding as sharding_lib
+
+LN2 = math.log(2.0)
+
+
+# -- optimizer --------------------------------------------------------------------------------
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
+                  schedule: str = "cosine") -> optax.Schedule:
+  """Linear warm-up from 0 to lr over warmup_steps, then cosine to 0 at total_steps or constant."""
+  if schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps,
+                                              max(total_steps, warmup_steps + 1), 0.0)
+  if schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
+                                 optax.constant_schedule(lr)], [warmup_steps])
+  raise ValueError(f"schedule={schedule!r}; expected 'cosine' or 'constant'")
+
+
+def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0, grad_clip: float = 0.0,
+                   schedule: str = "cosine") -> optax.GradientTransformation:
+  """The paper's Adam (b1 .9, b2 .95: .999 spiked; no weight decay) on `make_schedule`.
+
+  grad_clip > 0 clips the global gradient norm first.
+  """
+  adam = optax.adam(make_schedule(lr, total_steps, warmup_steps, schedule), b1=0.9, b2=0.95)
+  return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+# -- state ------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken = batches consumed
+  params: Any
+  opt_state: Any
+
+
+def state_shardings(cfg: model_lib.IGPTConfig, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+  """NamedShardings of the train state: Adam's moments are laid out like their parameters."""
+  params = sharding_lib.param_shardings(cfg, mesh)
+  abstract = jax.eval_shape(lambda: tx.init(model_lib.init_params(cfg, jax.random.key(0))))
+  opt_state = optax.tree_map_params(
+      tx, lambda _, s: s, abstract, params,
+      transform_non_params=lambda _: sharding_lib.replicated(mesh))
+  return TrainState(step=sharding_lib.replicated(mesh), params=params, opt_state=opt_state)
+
+
+def abstract_train_state(cfg, tx, mesh) -> TrainState:
+  """ShapeDtypeStructs with shardings: the target that checkpoints restore into."""
+  shapes = jax.eval_shape(lambda: _init_state(cfg, tx, jax.random.key(0)))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, state_shardings(cfg, tx, mesh))
+
+
+def _init_state(cfg, tx, rng) -> TrainState:
+  params = model_lib.init_params(cfg, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def create_train_state(cfg: model_lib.IGPTConfig, tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, rng: jax.Array) -> TrainState:
+  """A fresh state created directly in its sharded layout (no full copy on one device)."""
+  init = jax.jit(functools.partial(_init_state, cfg, tx),
+                 out_shardings=state_shardings(cfg, tx, mesh))
+  return init(rng)
+
+
+def state_from_params(params, tx: optax.GradientTransformation,
+                      shardings: TrainState) -> TrainState:
+  """Step 0 of a run that starts from given parameters: placed as `shardings`, fresh Adam."""
+  params = jax.device_put(params, shardings.params)
+  return TrainState(step=jax.device_put(jnp.int32(0), shardings.step), params=params,
+                    opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+
+
+# -- losses and steps -------------------------------------------------------------------------
+
+def token_losses(logits: jax.Array, tokens: jax.Array, bert_mask: jax.Array | None = None):
+  """Mean cross-entropy per example [B] in nats/token, from logits [B, T, V] of tokens [B, T].
+
+  Without a mask (AR) over all T positions; with a BERT mask [B, T] over the masked positions
+  only (an example with no masked token counts 0).
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
+  if bert_mask is None:
+    return ce.mean(axis=-1)
+  return jnp.sum(ce * bert_mask, axis=-1) / jnp.maximum(jnp.sum(bert_mask, axis=-1), 1)
+
+
+def example_losses(cfg: model_lib.IGPTConfig, params, tokens: jax.Array,
+                   rng: jax.Array) -> jax.Array:
+  """The pretraining loss per example [B] (nats/token); BERT draws a fresh 15% mask from rng."""
+  chex.assert_rank(tokens, 2)
+  mask = model_lib.draw_bert_mask(rng, tokens.shape) if cfg.objective == "bert" else None
+  logits = model_lib.IGPT(cfg).apply({"params": params}, tokens, bert_mask=mask)  # [B, T, V]
+  return token_losses(logits, tokens, mask)
+
+
+def loss_fn(cfg: model_lib.IGPTConfig) -> Callable:
+  """The pretraining loss as `fn(params, batch, rng) -> (loss, metrics)` for make_train_step."""
+  def fn(params, batch, rng):
+    loss = jnp.mean(example_losses(cfg, params, batch["tokens"], rng))
+    return loss, {"loss": loss, "bits_per_token": loss / LN2}
+  return fn
+
+
+def _microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...], microbatch i = rows i, i+n, ...: each device keeps its rows."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"batch of {x.shape[0]} does not split into accum_steps={n} microbatches")
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss: Callable, tx: optax.GradientTransformation, shardings: TrainState, *,
+                    accum_steps: int = 1, seed: int = 0) -> Callable:
+  """Jitted `step(state, batch) -> (state, metrics)`; the state argument is donated.
+
+  loss(params, batch, rng) -> (scalar, dict of scalars). The rng of step s is
+  fold_in(key(seed), s), so a resumed run draws the same masks as an uninterrupted one.
+  accum_steps > 1 averages the gradients of that many microbatches (lax.scan: one at a time
+  in memory) before a single optimizer update.
+  """
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+  def gradients(params, batch, rng):
+    if accum_steps == 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+      return grads, metrics
+
+    def add(acc, xs):
+      i, micro = xs
+      (_, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+    micro = _microbatches(batch, accum_steps)
+    (_, metrics), grads = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro),
+                                         rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads, metrics))
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(accum_steps), micro))
+    return jax.tree.map(lambda x: x / accum_steps, total)
+
+  def step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    grads, metrics = gradients(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The update's norm shows a non-finite step before the next loss does (checkpoints hold
+    # the parameters after the update).
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+
+
+def make_eval_step(cfg: model_lib.IGPTConfig) -> Callable:
+  """Jitted `eval(params, batch, rng) -> (sum of per-example losses, valid examples)`.
+
+  Padded rows (batch["valid"] False) count for nothing.
+  """
+  @jax.jit
+  def step(params, batch, rng):
+    losses = example_losses(cfg, params, batch["tokens"], rng)
+    valid = batch.get("valid", jnp.ones(losses.shape, bool)).astype(jnp.float32)
+    return jnp.sum(losses * valid), jnp.sum(valid)
+  return step
