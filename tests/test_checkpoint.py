@@ -83,3 +83,18 @@ def test_restore_refuses_another_model(tmp_path):
   checkpoint.check_compatible(CFG.to_dict(), CFG.replace(dtype="bfloat16", remat="full"), "x")
   with pytest.raises(ValueError, match="scan_layers"):
     checkpoint.check_compatible(CFG.to_dict(), CFG.replace(scan_layers=True), "x")
+
+
+def test_best_checkpoint_is_kept_and_loaded(tmp_path):
+  """keep=2 plus the best by accuracy: an old best survives newer, worse checkpoints."""
+  params = init_params(CFG, jax.random.key(0))
+  mngr = checkpoint.manager(str(tmp_path), keep=2, best_metric=checkpoint.BEST_METRIC)
+  for step, accuracy in zip(range(1, 6), [0.1, 0.9, 0.3, 0.9, 0.4]):
+    moved = jax.tree.map(lambda p, s=step: p + s, params)  # each step's params differ
+    checkpoint.save(mngr, step, moved, None, checkpoint.make_meta(CFG, PALETTE, step),
+                    metrics={checkpoint.BEST_METRIC: accuracy})
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [2, 4, 5]  # the newest two and the best (a tie is no gain)
+  assert checkpoint.best_step(str(tmp_path)) == 2
+  _, got, _ = checkpoint.load(str(tmp_path), "best")
+  assert_trees_equal(got, jax.tree.map(lambda p: p + 2, params))
