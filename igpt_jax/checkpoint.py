@@ -130,24 +130,25 @@ def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any],
                     set_aside: str | None = None):
   """-> (step, read(step)) for the newest step whose read does not raise UnreadableCheckpoint.
 
-  Each unreadable step is logged as a warning (and moved into the folder `set_aside` if given,
-  by process 0); with none readable, one FileNotFoundError naming every step tried and why.
+  Each unreadable step is logged as a warning; once a readable one is found, the newer
+  unreadable ones are moved into the folder `set_aside` if given. With none readable, one
+  FileNotFoundError naming every step tried and why (and nothing moved).
   """
   failures = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      return step, read(step)
+      result = read(step)
     except UnreadableCheckpoint as e:
-      failures.append(str(e))
-      where = ""
-      if set_aside:
-        where = f"; moved to {_set_aside(mngr, step, set_aside)}"
-      logging.warning("checkpoint %s/%d cannot be read, skipping it (%s)%s", mngr.directory,
-                      step, e, where)
-  if set_aside and failures:
-    mngr.reload()
+      failures.append(e)
+      logging.warning("checkpoint %s/%d cannot be read, skipping it (%s)", mngr.directory, step,
+                      e)
+      continue
+    for bad in failures if set_aside else ():
+      logging.warning("moved unreadable checkpoint %d to %s", bad.step,
+                      _set_aside(mngr, bad.step, set_aside))
+    return step, result
   raise FileNotFoundError(f"no readable checkpoint in {mngr.directory}: "
-                          + ("; ".join(failures) if failures else "no steps present"))
+                          + ("; ".join(map(str, failures)) if failures else "no steps present"))
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int, folder: str) -> str:
