@@ -6,7 +6,8 @@ benchmarks build on these.
   TrainState(step, params, opt_state)
   state_shardings(cfg, tx, mesh) / create_train_state(cfg, tx, mesh, rng)
   state_from_params(params, tx, shardings) -> TrainState at step 0 (fine-tuning starts here)
-  example_losses(cfg, params, tokens, rng) -> [B] nats/token;  loss_fn(cfg) -> fn(params, batch, rng)
+  example_losses(cfg, params, tokens, rng) -> [B] nats/token
+  loss_fn(cfg) -> fn(params, batch, rng) -> (loss, metrics)
   make_train_step(loss_fn, tx, shardings, accum_steps=1, seed=0) -> step(state, batch)
   make_eval_step(cfg) -> eval(params, batch, rng) -> (sum of losses, number of examples)
 

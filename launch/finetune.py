@@ -43,7 +43,8 @@ def test_accuracy(config, workdir: str) -> float:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  config, workdir = train_script._CONFIG.value, train_script._WORKDIR.value  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  config, workdir = train_script._CONFIG.value, train_script._WORKDIR.value
   if not config.init_workdir:
     raise app.UsageError("--config.init_workdir must name the pretraining run to fine-tune")
   last = train_script.run(config, workdir)
