@@ -50,8 +50,9 @@ def saved_run(workdir, cfg=CFG, step=3):
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     state = steps.create_train_state(cfg, tx, mesh, jax.random.key(0))
     tokens = np.arange(2 * cfg.n_ctx, dtype=np.int32).reshape(2, -1) % cfg.vocab_size
-    step = steps.make_train_step(steps.loss_fn(cfg), tx, steps.state_shardings(cfg, tx, mesh))
-    state, _ = step(state, {"tokens": tokens})
+    train_step = steps.make_train_step(steps.loss_fn(cfg), tx,
+                                       steps.state_shardings(cfg, tx, mesh))
+    state, _ = train_step(state, {"tokens": tokens})
   mngr = checkpoint.manager(workdir)
   checkpoint.save(mngr, step, state.params, state.opt_state,
                   checkpoint.make_meta(cfg, PALETTE, step, {"lr": 1e-3}))
