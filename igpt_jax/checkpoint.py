@@ -39,18 +39,6 @@ import orbax.checkpoint as ocp
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 
-
-class _QuietOrbax(logging.Filter):
-  """Passes orbax's warnings and errors, not its INFO line for every save and restore."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_orbax_logs(handler: logging.Handler) -> None:
-  """Keeps orbax's per-save / per-restore INFO chatter out of a console log (e.g. absl's)."""
-  handler.addFilter(_QuietOrbax())
-
 # Fields that change how a model runs, not what it is: a run may resume with other values.
 RUNTIME_FIELDS = ("dtype", "remat", "attention")
 

@@ -27,6 +27,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from igpt_jax import console
 from igpt_jax import palette as palette_lib
 
 KNOWN_TFDS = ("imagenet2012", "imagenet_resized/32x32", "imagenet_resized/64x64", "cifar10",
@@ -341,6 +342,11 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
   return ds.as_numpy_iterator()
 
 
+def num_examples(data_cfg, split: str) -> int:
+  """This host's examples of a split: the valid rows of a `make_dataset(..., train=False)` pass."""
+  return _host_sizes(_fields(data_cfg), split, jax.process_count())[jax.process_index()]
+
+
 def load_images(data_cfg, split: str, max_images: int | None = None, *,
                 n_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, H, W, 3], int32 [N]) of a split, in order, without augmentation.
@@ -399,8 +405,10 @@ def run_palette(config, workdir: str, k: int, n_px: int) -> np.ndarray:
     if config.palette:
       raise FileNotFoundError(f"palette file {path} not found (launch/fit_palette.py fits one; "
                               "an empty config.palette fits one into the workdir)")
-    palette = fit_split_palette(config.data, config.data.train_split, n_px=n_px, k=k,
-                                seed=config.seed)
+    with console.status(f"fitting a {k}-colour palette to {config.data['name']} "
+                        f"{config.data.train_split}"):
+      palette = fit_split_palette(config.data, config.data.train_split, n_px=n_px, k=k,
+                                  seed=config.seed)
     if jax.process_index() == 0:
       os.makedirs(workdir, exist_ok=True)
       palette_lib.save_palette(path, palette)

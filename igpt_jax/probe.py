@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from absl import logging
 
 from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import console
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 
@@ -148,8 +149,8 @@ def feature_path(out_dir: str, split: str, name) -> str:
 
 
 def write_features(batches: Iterable[Mapping[str, np.ndarray]],
-                   featurize: Callable[[np.ndarray], Mapping], out_dir: str,
-                   split: str) -> dict[str, str]:
+                   featurize: Callable[[np.ndarray], Mapping], out_dir: str, split: str, *,
+                   on_rows: Callable[[int], object] | None = None) -> dict[str, str]:
   """Streams eval batches through `featurize` into `out_dir/{split}_{name}.npy` files.
 
   batches: dicts with "tokens" [B, T], "labels" [B] and optionally "valid" [B] (the padded
@@ -157,7 +158,8 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   (numpy or jax arrays; the next batch is dispatched before this one is fetched).
   Rows go to disk batch by batch (appended raw, then given a .npy header), so memory holds one
   batch of activations whatever the split size. Integer names (layers) become
-  `{split}_layer{l:02d}.npy`; labels are written as `{split}_labels.npy`.
+  `{split}_layer{l:02d}.npy`; labels are written as `{split}_labels.npy`. on_rows(n) is called
+  with each batch's number of valid rows once they are on disk (a progress bar's update).
   Returns {name: path} including "labels".
   """
   os.makedirs(out_dir, exist_ok=True)
@@ -173,6 +175,8 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
           widths[name] = (value.shape[1:], value.dtype)
         value.tofile(raw[name])
       n += int(valid.sum())
+      if on_rows is not None:
+        on_rows(int(valid.sum()))
   finally:
     for f in raw.values():
       f.close()
@@ -256,11 +260,13 @@ def fit_logistic(x, y, l2: float, n_classes: int, *, max_iter: int = 1000, tol: 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEFAULT_L2S,
                  val_fraction: float = 0.1, n_classes: int | None = None, max_iter: int = 1000,
-                 tol: float = 1e-5, seed: int = 0) -> dict:
+                 tol: float = 1e-5, seed: int = 0,
+                 on_fit: Callable[[], object] | None = None) -> dict:
   """Logistic-regression probe: L2 chosen on a held-out `val_fraction` of train, then refit.
 
   train_x [N, F], train_y [N] int, test_x [M, F], test_y [M]. Features are standardised with
-  the statistics of the rows each fit trains on. Returns {"accuracy" (test top-1, 0..1), "l2",
+  the statistics of the rows each fit trains on. on_fit() is called after each L-BFGS fit
+  (`fits_per_probe(l2s)` of them: a progress bar's update). Returns {"accuracy" (test top-1, 0..1), "l2",
   "val_accuracy" {l2: acc}, "train_accuracy", "iterations"}.
   """
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
@@ -284,12 +290,21 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
     for l2 in l2s:
       params, _ = fit_logistic(fx, train_y[fit], l2, n_classes, max_iter=max_iter, tol=tol)
       val_acc[l2] = _accuracy(params, vx, train_y[val])
+      if on_fit is not None:
+        on_fit()
   best = max(l2s, key=lambda l: (val_acc.get(l, 0.0), l))  # ties: the stronger penalty
 
   tx, sx = _standardise(train_x, test_x)
   params, iterations = fit_logistic(tx, train_y, best, n_classes, max_iter=max_iter, tol=tol)
+  if on_fit is not None:
+    on_fit()
   return {"accuracy": _accuracy(params, sx, test_y), "l2": best, "val_accuracy": val_acc,
           "train_accuracy": _accuracy(params, tx, train_y), "iterations": iterations}
+
+
+def fits_per_probe(l2s: Sequence[float]) -> int:
+  """L-BFGS fits in one `linear_probe`: one per L2 of a sweep, then the refit."""
+  return len(l2s) + 1 if len(l2s) > 1 else 1
 
 
 # -- tables -----------------------------------------------------------------------------------
@@ -352,7 +367,9 @@ def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(6, 4))
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
   for name, acc in curves.items():
     layers = sorted(acc)
     ax.plot(layers, [100 * acc[l] for l in layers], marker="o", label=name)
@@ -392,6 +409,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
 
   config: see experiments/probe_cifar10.py. Returns the dict written to results.json.
   """
+  from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   cfg, params, palette = ckpt_lib.load(workdir, step)
   if config.get("model"):
     ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(config.model), workdir)
@@ -421,7 +439,9 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
     return out
 
   for name, it in batches.items():
-    write_features(it, featurize, feat_dir, name)
+    with console.progress(desc=f"features of {name} ({splits[name]})", unit="img",
+                          total=data_lib.num_examples(config.data, splits[name])) as bar:
+      write_features(it, featurize, feat_dir, name, on_rows=bar.update)
   labels = {s: np.load(feature_path(feat_dir, s, "labels")) for s in splits}
 
   def load(name):
@@ -432,31 +452,45 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
     return lambda l: load(f"{prefix}layer{l:02d}")
 
   opts = dict(l2s=tuple(config.l2s), val_fraction=config.val_fraction)
+
+  def fitting(desc: str, probes: int):  # a bar over the L-BFGS fits of `probes` linear probes
+    return console.progress(desc=desc, total=probes * fits_per_probe(opts["l2s"]), unit="fit")
+
   results = {"workdir": os.path.abspath(workdir), "model": cfg.to_dict(),
              "data": dict(config.data), "reading": config.reading,
              "n_train": len(labels["train"]), "n_test": len(labels["test"])}
-  table = results["pretrained"] = probe_layers(load_layer(""), layers, **opts)
+  with fitting(f"probing {len(layers)} layers", len(layers)) as bar:
+    table = results["pretrained"] = probe_layers(load_layer(""), layers, on_fit=bar.update,
+                                                 **opts)
   best = table["best_layer"]
   summary = {"best_layer": best, "pretrained": table["best_accuracy"]}
-  logging.info("best layer %d: %.2f%%", best, 100 * table["best_accuracy"])
+  logging.info("best layer %d: %.2f%% (by layer: %s)", best, 100 * table["best_accuracy"],
+               ", ".join(f"{l} {100 * r['accuracy']:.2f}%" for l, r in table["layers"].items()))
   if config.concat_k > 1 and len(layers) == cfg.n_layer + 1:
-    results["concat"] = concat_layers(load_layer(""), best, config.concat_k, cfg.n_layer, **opts)
+    with fitting(f"probing {config.concat_k} layers concatenated", 1) as bar:
+      results["concat"] = concat_layers(load_layer(""), best, config.concat_k, cfg.n_layer,
+                                        on_fit=bar.update, **opts)
     summary["concat"] = results["concat"]["accuracy"]
   if config.low_data.sizes:
-    results["low_data"] = low_data_probe(*load_layer("")(best),
-                                         sizes=tuple(config.low_data.sizes),
-                                         seeds=config.low_data.seeds,
-                                         balanced=config.low_data.balanced, **opts)
+    with fitting(f"low-data probes of layer {best}",
+                 len(config.low_data.sizes) * config.low_data.seeds) as bar:
+      results["low_data"] = low_data_probe(*load_layer("")(best),
+                                           sizes=tuple(config.low_data.sizes),
+                                           seeds=config.low_data.seeds,
+                                           balanced=config.low_data.balanced,
+                                           on_fit=bar.update, **opts)
   curves = {"pretrained": {l: r["accuracy"] for l, r in table["layers"].items()}}
   flat = {}
   if baselines:
-    random = probe_layers(load_layer("random_"), layers, **opts)
-    results["baselines"] = {"random_init": random}
-    curves["random init"] = {l: r["accuracy"] for l, r in random["layers"].items()}
-    summary["random_init"] = random["best_accuracy"]
-    for kind in PIXEL_KINDS:
-      r = results["baselines"][f"pixels_{kind}"] = linear_probe(*load(f"pixels_{kind}"), **opts)
-      flat[f"pixels ({kind})"] = summary[f"pixels_{kind}"] = r["accuracy"]
+    with fitting("baselines: random init, pixels", len(layers) + len(PIXEL_KINDS)) as bar:
+      random = probe_layers(load_layer("random_"), layers, on_fit=bar.update, **opts)
+      results["baselines"] = {"random_init": random}
+      curves["random init"] = {l: r["accuracy"] for l, r in random["layers"].items()}
+      summary["random_init"] = random["best_accuracy"]
+      for kind in PIXEL_KINDS:
+        r = results["baselines"][f"pixels_{kind}"] = linear_probe(*load(f"pixels_{kind}"),
+                                                                  on_fit=bar.update, **opts)
+        flat[f"pixels ({kind})"] = summary[f"pixels_{kind}"] = r["accuracy"]
   results["summary"] = summary
   write_json(os.path.join(out_dir, "results.json"), results)
   plot_accuracy(os.path.join(out_dir, "accuracy_by_layer.png"), curves, flat)

@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import console
 from igpt_jax import data as data_lib
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import model as model_lib
@@ -210,8 +211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state = (steps_lib.state_from_params(init_params(), tx, shardings) if finetuning else
                steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(config.seed)))
     loss = finetune_lib.loss_fn(cfg, config.gen_weight) if finetuning else steps_lib.loss_fn(cfg)
-    train_step = steps_lib.make_train_step(loss, tx, shardings, accum_steps=config.accum_steps,
-                                           seed=config.seed)
+    train_step = console.first_call(
+        steps_lib.make_train_step(loss, tx, shardings, accum_steps=config.accum_steps,
+                                  seed=config.seed), "compiling the train step")
     eval_step = steps_lib.make_eval_step(cfg)
     batch_keys = ("tokens", "labels") if finetuning else ("tokens",)
     prompts = None  # first held-out images, for the completion rows of the sample grids
@@ -275,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        tokens_per_s=steps_per_s * tokens_per_step)
         window = []
       for evaluator in due["eval"]:
-        scalars.update(evaluator.fn(state.params, step))
+        with console.status(f"{evaluator.fn.__name__} at step {step}"):
+          scalars.update(evaluator.fn(state.params, step))
       accuracy = scalars.get(ckpt_lib.BEST_METRIC)
       if accuracy is not None:
         if accuracy > loop["best_eval_accuracy"]:
@@ -295,8 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if due["sample"]:
         if prompts is None:
           prompts = np.asarray(next(iter(eval_iters()))["tokens"][:4])
-        save_samples(os.path.join(workdir, f"samples_{step:07d}.png"), cfg, state.params, palette,
-                     jax.random.fold_in(jax.random.key(config.seed + 2), step), prompts, mesh)
+        with console.status(f"drawing samples at step {step}"):
+          save_samples(os.path.join(workdir, f"samples_{step:07d}.png"), cfg, state.params,
+                       palette, jax.random.fold_in(jax.random.key(config.seed + 2), step),
+                       prompts, mesh)
       early_stop = accuracy is not None and 0 < config.patience <= loop["stale"]
       if due["checkpoint"] or due["preempted"] or accuracy is not None:
         meta = ckpt_lib.make_meta(cfg, palette, step, ckpt_lib.to_jsonable(config), loop)

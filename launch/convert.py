@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from igpt_jax import checkpoint
+from igpt_jax import console
 from igpt_jax import convert
 from igpt_jax import palette as palette_lib
 from igpt_jax.model import param_count
@@ -37,16 +38,19 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Store the blocks stacked
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  console.setup()
   if (_HF_DIR.value is None) == (_TF_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_dir and --tf_checkpoint")
   if _HF_DIR.value:
     source = _HF_DIR.value
-    state_dict, hf_config, palette = convert.read_hf_dir(source)
-    cfg, params = convert.from_hf(state_dict, hf_config, scan_layers=_SCAN_LAYERS.value)
+    with console.status(f"reading and converting {source}"):
+      state_dict, hf_config, palette = convert.read_hf_dir(source)
+      cfg, params = convert.from_hf(state_dict, hf_config, scan_layers=_SCAN_LAYERS.value)
   else:
     source, palette = _TF_CHECKPOINT.value, None
-    cfg, params = convert.from_openai(convert.read_tf_checkpoint(source),
-                                      scan_layers=_SCAN_LAYERS.value)
+    with console.status(f"reading and converting {source}"):
+      cfg, params = convert.from_openai(convert.read_tf_checkpoint(source),
+                                        scan_layers=_SCAN_LAYERS.value)
   if _PALETTE.value:
     palette = palette_lib.load_palette(_PALETTE.value)
   if palette is None:
@@ -55,7 +59,8 @@ def main(argv):
   palette = palette_lib.check_palette(palette, k=cfg.vocab_size)
   logging.info("converted %s: %s, %.1fM parameters", source, cfg, param_count(cfg) / 1e6)
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  checkpoint.save_params(_WORKDIR.value, cfg, params, palette)
+  with console.status(f"writing the checkpoint to {_WORKDIR.value}"):
+    checkpoint.save_params(_WORKDIR.value, cfg, params, palette)
   palette_lib.save_palette(os.path.join(_WORKDIR.value, "palette.npy"), palette)
   logging.info("wrote %s", _WORKDIR.value)
 

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
 
@@ -41,16 +42,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the pixel sample and of k-means
 
 def main(argv):
   del argv
+  console.setup()
   config = _CONFIG.value
   if (config is None) == (_DATA.value is None):
     raise app.UsageError("pass exactly one of --config and --data")
   data_cfg = config.data if config is not None else {"name": _DATA.value}
   split = _SPLIT.value or dict(data_cfg).get("train_split", "train")
   n_px = _N_PX.value or (config.model.get("n_px") if config is not None else None)
-  logging.info("fitting %d colours to up to %d pixels of the first %d images (%s %s, n_px %s)",
-               _K.value, _N_PIXELS.value, _IMAGES.value, dict(data_cfg)["name"], split, n_px)
-  palette = data.fit_split_palette(data_cfg, split, n_px=n_px, k=_K.value, images=_IMAGES.value,
-                                   n_pixels=_N_PIXELS.value, steps=_STEPS.value, seed=_SEED.value)
+  with console.status(f"fitting {_K.value} colours to up to {_N_PIXELS.value} pixels of the first "
+                      f"{_IMAGES.value} images ({dict(data_cfg)['name']} {split}, n_px {n_px})"):
+    palette = data.fit_split_palette(data_cfg, split, n_px=n_px, k=_K.value,
+                                     images=_IMAGES.value, n_pixels=_N_PIXELS.value,
+                                     steps=_STEPS.value, seed=_SEED.value)
   pixels = data.load_images(data_cfg, split, _IMAGES.value, n_px=n_px)[0]
   logging.info("mean squared error %.5f (in [-1, 1] units)",
                palette_lib.distortion(pixels, palette))

@@ -20,10 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from igpt_jax import checkpoint
+from igpt_jax import console
 from igpt_jax import probe
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Probe config file.", lock_config=True)
@@ -36,7 +35,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
+  console.setup()
   results = probe.run(_CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value, step=_STEP.value)
   print(json.dumps(results["summary"]))
 

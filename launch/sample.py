@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from igpt_jax import checkpoint
+from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
 from igpt_jax import sample as sample_lib
@@ -49,17 +50,19 @@ _SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest ne
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
+  console.setup()
   sharding.use_one_cpu_device_per_core()
-  cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
+  with console.status(f"loading {_WORKDIR.value}"):
+    cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
   os.makedirs(out, exist_ok=True)
   rng = jax.random.key(_SEED.value)
   kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
 
   if not _COMPLETE.value:
-    tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
-                                          mesh=sharding.data_mesh(_NUM.value), **kw))
+    with console.status(f"sampling {_NUM.value} images of {cfg.n_ctx} tokens"):
+      tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
+                                            mesh=sharding.data_mesh(_NUM.value), **kw))
     np.save(os.path.join(out, "samples.npy"), tokens)
     path = os.path.join(out, "samples.png")
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
@@ -74,12 +77,15 @@ def main(argv):
     prefix_len = sample_lib.prefix_length(cfg, rows=rows)
   else:
     prefix_len = sample_lib.prefix_length(cfg, fraction=_PREFIX_FRACTION.value)
-  images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value}, _SPLIT.value,
-                               _NUM.value, n_px=cfg.n_px)
+  with console.status(f"reading {_NUM.value} images of {_DATA.value} {_SPLIT.value}"):
+    images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value},
+                                 _SPLIT.value, _NUM.value, n_px=cfg.n_px)
   originals = np.asarray(palette_lib.quantize(images, palette))  # [N, T]
-  completions = np.asarray(sample_lib.complete(
-      cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
-      mesh=sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
+  with console.status(f"completing {len(originals)} images x {_SAMPLES_PER_IMAGE.value} "
+                      f"({cfg.n_ctx - prefix_len} of {cfg.n_ctx} tokens each)"):
+    completions = np.asarray(sample_lib.complete(
+        cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
+        mesh=sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
   np.save(os.path.join(out, "completions.npy"), completions)
   np.save(os.path.join(out, "originals.npy"), originals)
   path = os.path.join(out, "completions.png")

@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from igpt_jax import checkpoint
+from igpt_jax import console
 from igpt_jax import sharding
 from igpt_jax import train
 
@@ -31,7 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and sample
 
 def run(config, workdir: str) -> dict:
   """What launch/train.py and launch/finetune.py do: set up the devices, then the loop."""
-  checkpoint.quiet_orbax_logs(logging.get_absl_handler())
+  console.setup()
   if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
     sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding.maybe_initialize_distributed()

@@ -1,0 +1,152 @@
+"""What a launch script prints: our own lines, real warnings, and progress of the long steps.
+
+  setup()                          first line of every launch script's main()
+  progress(iterable, desc, total)  a tqdm bar over a loop (feature batches, probe fits)
+  status(desc)                     elapsed time of one blocking call (a k-means fit, a decode)
+  first_call(fn, desc)             fn whose first call, the one jax compiles, shows a status
+
+On a terminal a bar is one line updated in place; elsewhere (a log file, CI) it is a plain line
+every 30 s and one at the end. Only process 0 of a multi-process job draws them. TQDM_DISABLE=1
+turns them off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import threading
+from typing import Callable, Iterable
+
+from absl import logging as absl_logging
+import tqdm
+
+# Source directories whose INFO lines are ours (a checkout also has launch/ and bench/).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("igpt_jax", "launch", "bench"))
+_TPU_FAILURE = "Unable to initialize backend 'tpu'"
+# orbax warns on every read-only CheckpointManager; checkpoint.load opens one on purpose.
+_READ_ONLY = ("checkpoint_manager.py", "Given directory is read only")
+
+
+def _has_tpu_chips() -> bool:
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+
+
+class _ConsoleFilter(logging.Filter):
+  """Passes warnings, errors and our own INFO lines; drops other libraries' INFO chatter.
+
+  Dropped that way: orbax's line for every save and restore, matplotlib's font cache notice,
+  orbax's warning that a read-only checkpoint manager is read-only (that exact record), and jax's "Unable to initialize backend 'tpu'" on a host without TPU chips (libtpu is
+  installed for ahead-of-time TPU compiles; jax tries it first and falls back to the CPU). On a
+  host that has TPU chips that failure means the run is not on them: it is shown as a warning.
+  """
+
+  def filter(self, record):
+    if (os.path.basename(record.pathname) == _READ_ONLY[0] and
+        record.getMessage().startswith(_READ_ONLY[1])):
+      return False
+    if record.getMessage().startswith(_TPU_FAILURE):
+      if not _has_tpu_chips():
+        return False
+      record.levelno, record.levelname = logging.WARNING, "WARNING"
+      return True
+    return record.levelno >= logging.WARNING or record.pathname.startswith(_OWN_DIRS)
+
+
+def setup() -> None:
+  """Quiets third-party start-up noise at its source; call before tensorflow is imported.
+
+  TensorFlow (only igpt_jax/data.py imports it, lazily, for tf.data) prints a oneDNN banner on
+  import, twice, that TF_CPP_MIN_LOG_LEVEL does not silence: TF_ENABLE_ONEDNN_OPTS=0 turns off
+  the oneDNN kernels it announces (for convolutions and matmuls; the input pipeline resizes,
+  crops and gathers) and so the banner. TF_CPP_MIN_LOG_LEVEL=1 drops TensorFlow's other C++
+  INFO lines (the CPU-feature notice), keeping its warnings and errors. A value already in the
+  environment wins. Python logging records go through `_ConsoleFilter` on absl's handler.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
+
+
+class _Lines:
+  """tqdm's output off a terminal: each refresh as one plain line, without carriage returns."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    text = text.strip("\r\n").rstrip()
+    if text:
+      self.stream.write(text + "\n")
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+def _interval() -> float:
+  """Seconds between refreshes: live on a terminal, a line now and then in a log."""
+  return 0.5 if sys.stderr.isatty() else 30.0
+
+
+def _bar(**kwargs) -> tqdm.tqdm:
+  import jax  # pylint: disable=import-outside-toplevel
+  tty = sys.stderr.isatty()
+  if jax.process_index() != 0:
+    kwargs["disable"] = True
+  return tqdm.tqdm(file=sys.stderr if tty else _Lines(sys.stderr), mininterval=_interval(),
+                   dynamic_ncols=tty, **kwargs)
+
+
+def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None,
+             unit: str = "it", unit_scale: int = 1) -> tqdm.tqdm:
+  """A bar over `iterable` (or updated by hand: `bar.update()`), showing rate and ETA.
+
+  unit_scale: units per item, e.g. images per batch with unit="img". Use as a context manager
+  (or close it) so the final count is printed.
+  """
+  return _bar(iterable=iterable, desc=desc, total=total, unit=unit,
+              unit_scale=unit_scale if unit_scale != 1 else False)
+
+
+def _tick(bar: tqdm.tqdm, stop: threading.Event) -> None:
+  while not stop.wait(_interval()):
+    bar.refresh()  # a no-op when disabled
+
+
+@contextlib.contextmanager
+def status(desc: str):
+  """Shows `desc: <elapsed>` while the block runs (refreshed from a thread: the block may be one
+  long call into XLA), then `desc: <elapsed> done`."""
+  bar = _bar(desc=desc, total=None, bar_format="{desc}: {elapsed}{postfix}")
+  stop = threading.Event()
+  ticker = threading.Thread(target=_tick, args=(bar, stop), daemon=True)
+  ticker.start()
+  try:
+    yield bar
+    bar.set_postfix_str("done", refresh=False)
+  finally:
+    stop.set()
+    ticker.join()
+    bar.close()
+
+
+def first_call(fn: Callable, desc: str) -> Callable:
+  """fn, whose first call (where a jitted function is traced and compiled) runs in status(desc).
+
+  Dispatch is asynchronous, so the status covers the compile, not the whole first execution.
+  """
+  pending = [True]
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    if not pending:
+      return fn(*args, **kwargs)
+    pending.clear()
+    with status(desc):
+      return fn(*args, **kwargs)
+
+  return call
