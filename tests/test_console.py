@@ -1,6 +1,8 @@
 """The console: what gets through the log filter, progress lines off a terminal, and every
-launch script run as a user runs it, with no third-party noise on its console."""
+launch script run as a user runs it, with no third-party noise on its console; two runs of the
+same probe give the same results."""
 
+import json
 import logging
 import os
 import pathlib
@@ -81,20 +83,22 @@ def consoles(tmp_path_factory):
   cfg = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
   params = model_lib.init_params(cfg, jax.random.key(0))
   palette = palette_lib.fit_palette(images, k=16, steps=5, batch_size=256)
-  checkpoint.save_params(str(d / "pre"), cfg, params, palette)
+  for run in ("pre", "pre_again"):
+    checkpoint.save_params(str(d / run), cfg, params, palette)
   convert.write_hf_dir(str(d / "hf"), cfg, params, palette)
   data = [f"--config.data.name={d / 'images.npz'}", "--config.data.train_split=train[:48]",
           "--config.data.eval_split=train[48:]"]
+  probe = [f"--config={REPO / 'experiments' / 'probe_cifar10_tiny.py'}", "--baselines",
+           "--config.batch_size=8", "--config.low_data.seeds=2", "--config.low_data.sizes=(8,)",
+           "--config.l2s=(0.01,0.1)", *data]
   runs = {
       "fit_palette": ["--data", d / "images.npz", "--k=16", "--images=64", "--steps=5",
                       f"--out={d / 'palette.npy'}"],
       "train": [f"--config={REPO / 'experiments' / 'tiny_test.py'}", f"--workdir={d / 'run'}",
                 "--palette_images=48", "--config.total_steps=4", "--config.log_every=2",
                 "--config.sample_every=4", *data],
-      "probe": [f"--config={REPO / 'experiments' / 'probe_cifar10_tiny.py'}",
-                f"--workdir={d / 'pre'}", "--baselines", "--config.batch_size=8",
-                "--config.low_data.seeds=1", "--config.low_data.sizes=(8,)",
-                "--config.l2s=(0.01,0.1)", *data],
+      "probe": [*probe, f"--workdir={d / 'pre'}"],
+      "probe_again": [*probe, f"--workdir={d / 'pre_again'}"],
       "sample": [f"--workdir={d / 'pre'}", "--num=2", f"--out={d / 'samples'}"],
       "convert": [f"--hf_dir={d / 'hf'}", f"--workdir={d / 'converted'}"],
       "finetune": [f"--config={REPO / 'experiments' / 'finetune_cifar10_tiny.py'}",
@@ -105,7 +109,8 @@ def consoles(tmp_path_factory):
   }
   # A user's environment: no device count or platform forced (conftest sets both for tests).
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = {name: subprocess.Popen([sys.executable, "-m", f"launch.{name}", *map(str, flags)],
+  procs = {name: subprocess.Popen([sys.executable, "-m", f"launch.{name.removesuffix('_again')}",
+                                   *map(str, flags)],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
            for name, flags in runs.items()}  # concurrently: most of each is start-up
@@ -113,13 +118,13 @@ def consoles(tmp_path_factory):
   for name, proc in procs.items():
     out[name] = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, f"launch/{name}.py failed:\n{out[name][-3000:]}"
-  return out
+  return d, out
 
 
 @pytest.mark.parametrize("script", ["fit_palette", "train", "probe", "sample", "convert",
                                     "finetune"])
 def test_launch_script_console_has_no_noise(consoles, script):
-  for line in consoles[script].splitlines():
+  for line in consoles[1][script].splitlines():
     assert not any(b in line for b in BANNED), f"launch/{script}.py printed: {line}"
     m = ABSL_LINE.match(line)
     assert not (m and m.group(1) == "I" and m.group(2) not in OWN_FILES), (
@@ -127,9 +132,21 @@ def test_launch_script_console_has_no_noise(consoles, script):
 
 
 def test_launch_scripts_show_progress(consoles):
+  consoles = consoles[1]
   assert "fitting a 16-colour palette" in consoles["train"]
   assert "compiling the train step" in consoles["train"]
   assert re.search(r"features of train \(train\[:48\]\): 100%.*48/48", consoles["probe"])
   assert "probing 3 layers: 100%" in consoles["probe"]
   assert "sampling 2 images" in consoles["sample"]
   assert "reading and converting" in consoles["convert"]
+
+
+def test_the_same_probe_twice_gives_the_same_results(consoles):
+  """Two processes at once (so their threads compete) on equal checkpoints: equal files."""
+  d, _ = consoles
+  first, again = (json.loads((d / run / "probe" / "results.json").read_text())
+                  for run in ("pre", "pre_again"))
+  assert first.pop("workdir") != again.pop("workdir")
+  assert first == again
+  for f in sorted((d / "pre" / "probe" / "features").iterdir()):
+    assert f.read_bytes() == (d / "pre_again" / "probe" / "features" / f.name).read_bytes(), f

@@ -6,6 +6,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import nbformat
@@ -118,3 +120,14 @@ def test_probe_prints_accuracies(executed):
 def test_train_and_eval_losses_are_plotted(executed):
   (plot,) = pngs(cell(executed, "metrics"))
   assert {BLUE, ORANGE} <= colours(plot)
+
+
+def test_setup_cell_without_a_checkout_asks_for_the_repository_url(tmp_path):
+  """Where igpt_jax is not importable and no checkout holds the notebook, the first cell stops
+  with a message naming IGPT_REPO_URL: it clones nothing from a made-up address."""
+  source = cell(nbformat.read(NOTEBOOK, as_version=4), "colab").source
+  # -S: no site-packages, so the igpt_jax installed for the tests is not importable.
+  proc = subprocess.run([sys.executable, "-S", "-c", source], cwd=tmp_path, capture_output=True,
+                        text=True, env={"PATH": os.environ["PATH"]}, timeout=60)
+  assert proc.returncode != 0 and "set IGPT_REPO_URL" in proc.stderr
+  assert not any(tmp_path.iterdir())
