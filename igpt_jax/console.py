@@ -98,18 +98,16 @@ def _bar(**kwargs) -> tqdm.tqdm:
   if jax.process_index() != 0:
     kwargs["disable"] = True
   return tqdm.tqdm(file=sys.stderr if tty else _Lines(sys.stderr), mininterval=_interval(),
-                   dynamic_ncols=tty, **kwargs)
+                   maxinterval=max(_interval(), 10.0), dynamic_ncols=tty, **kwargs)
 
 
 def progress(iterable: Iterable | None = None, *, desc: str, total: int | None = None,
-             unit: str = "it", unit_scale: int = 1) -> tqdm.tqdm:
-  """A bar over `iterable` (or updated by hand: `bar.update()`), showing rate and ETA.
+             unit: str = "it") -> tqdm.tqdm:
+  """A bar over `iterable` (or moved by hand: `bar.update(n)`), showing rate and ETA.
 
-  unit_scale: units per item, e.g. images per batch with unit="img". Use as a context manager
-  (or close it) so the final count is printed.
+  Use it as a context manager (or close it) so that the final count is printed.
   """
-  return _bar(iterable=iterable, desc=desc, total=total, unit=unit,
-              unit_scale=unit_scale if unit_scale != 1 else False)
+  return _bar(iterable=iterable, desc=desc, total=total, unit=unit)
 
 
 def _tick(bar: tqdm.tqdm, stop: threading.Event) -> None:
