@@ -6,7 +6,7 @@
   first_call(fn, desc)             fn whose first call, the one jax compiles, shows a status
 
 On a terminal a bar is one line updated in place; elsewhere (a log file, CI) it is a plain line
-every 30 s and one at the end. Only process 0 of a multi-process job draws them. TQDM_DISABLE=1
+at the start, at most every 30 s, and at the end. Only process 0 of a multi-process job draws them. TQDM_DISABLE=1
 turns them off.
 """
 
@@ -73,15 +73,21 @@ def setup() -> None:
 
 
 class _Lines:
-  """tqdm's output off a terminal: each refresh as one plain line, without carriage returns."""
+  """tqdm's output off a terminal: each refresh as one plain line, without carriage returns.
+
+  A line whose count is the last one's (the text before the times in brackets: tqdm redraws a
+  finished bar on close) is not repeated.
+  """
 
   def __init__(self, stream):
     self.stream = stream
+    self.last = None
 
   def write(self, text: str) -> None:
     text = text.strip("\r\n").rstrip()
-    if text:
+    if text and text.split(" [")[0] != self.last:
       self.stream.write(text + "\n")
+      self.last = text.split(" [")[0]
 
   def flush(self) -> None:
     self.stream.flush()
