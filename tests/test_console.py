@@ -95,7 +95,7 @@ def consoles(tmp_path_factory):
       "fit_palette": ["--data", d / "images.npz", "--k=16", "--images=64", "--steps=5",
                       f"--out={d / 'palette.npy'}"],
       "train": [f"--config={REPO / 'experiments' / 'tiny_test.py'}", f"--workdir={d / 'run'}",
-                "--palette_images=48", "--config.total_steps=4", "--config.log_every=2",
+                "--config.total_steps=4", "--config.log_every=2",
                 "--config.sample_every=4", *data],
       "probe": [*probe, f"--workdir={d / 'pre'}"],
       "probe_again": [*probe, f"--workdir={d / 'pre_again'}"],
