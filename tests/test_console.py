@@ -121,6 +121,7 @@ def consoles(tmp_path_factory):
   return d, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["fit_palette", "train", "probe", "sample", "convert",
                                     "finetune"])
 def test_launch_script_console_has_no_noise(consoles, script):
@@ -131,6 +132,7 @@ def test_launch_script_console_has_no_noise(consoles, script):
         f"launch/{script}.py printed another library's INFO line: {line}")
 
 
+@pytest.mark.slow
 def test_launch_scripts_show_progress(consoles):
   consoles = consoles[1]
   assert "fitting a 16-colour palette" in consoles["train"]
@@ -141,6 +143,7 @@ def test_launch_scripts_show_progress(consoles):
   assert "reading and converting" in consoles["convert"]
 
 
+@pytest.mark.slow
 def test_the_same_probe_twice_gives_the_same_results(consoles):
   """Two processes at once (so their threads compete) on equal checkpoints: equal files."""
   d, _ = consoles
