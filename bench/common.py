@@ -10,25 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from igpt_jax.model import IGPTConfig, param_count
-
-
-def matmul_params(cfg: IGPTConfig) -> int:
-  """Parameters that are matmul weights: everything but the lookups (wte, wpe, sos).
-
-  The untied head wtet [V, D] is a real matmul and counts, as in PaLM's MFU.
-  """
-  return param_count(cfg) - cfg.vocab_size * cfg.n_embd - cfg.n_ctx * cfg.n_embd - cfg.n_embd
-
-
-def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
-  """Model FLOPs per token (PaLM appendix B): 6 N + 12 L T D for fwd + bwd, 2 N + 4 L T D fwd.
-
-  N = `matmul_params`; the attention term counts the full [T, T] score and value matmuls (no
-  causal discount), so blocked attention that skips the upper triangle shows up as higher MFU.
-  """
-  n, attn = matmul_params(cfg), cfg.n_layer * cfg.n_ctx * cfg.n_embd
-  return 6 * n + 12 * attn if backward else 2 * n + 4 * attn
+# The FLOPs formula lives with the model (the plan tool uses it too); benches read it from here.
+from igpt_jax.model import IGPTConfig, flops_per_token, matmul_params  # pylint: disable=unused-import
 
 
 def best_seconds(fn, reps: int) -> float:

@@ -7,7 +7,7 @@
   python -m bench.train_step --n_layer 48 --n_embd 1536 --n_head 16 --batch 8 --dtype bfloat16 \
       --scan --remat dots --steps 2
 
-MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L T D (bench/common.py)
+MFU = tokens/s * flops_per_token / peak, with flops_per_token = 6 N + 12 L T D (igpt_jax/model.py)
 and peak the float32 (or bf16) matmul rate measured in the same run on the same device.
 The last line of stdout is one JSON object.
 """

@@ -23,15 +23,19 @@ IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn")
 DEFAULT_BLOCK = 128
 
 
-def resolve(implementation: str, dtype) -> str:
+def resolve(implementation: str, dtype, platform: str | None = None) -> str:
   """'auto' -> 'cudnn' on GPU for 16-bit inputs (all it supports), 'xla' on GPU for float32,
-  'blocked' elsewhere; other names pass through."""
+  'blocked' elsewhere; other names pass through.
+
+  platform: the devices the program is built for ("cpu", "gpu", "tpu"); None is
+  jax.default_backend(). An ahead-of-time compile for a TPU topology from a CPU host passes "tpu".
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")
   if implementation != "auto":
     return implementation
-  if jax.default_backend() != "gpu":
+  if (platform or jax.default_backend()) != "gpu":
     return "blocked"
   return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
 

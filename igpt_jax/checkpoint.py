@@ -192,8 +192,12 @@ def _single_device_target(cfg: model_lib.IGPTConfig):
 
 
 def _abstract_params(cfg: model_lib.IGPTConfig):
-  """Unboxed ShapeDtypeStructs of the parameters (no logical constraints applied)."""
-  return jax.eval_shape(model_lib.init_params, cfg, jax.random.key(0))
+  """Unboxed ShapeDtypeStructs of the parameters (no logical constraints applied).
+
+  The key is made inside the traced function: nothing runs eagerly, so this also works under a
+  mesh of compile-only devices (ahead-of-time plans).
+  """
+  return jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
 
 
 def _open(workdir: str, step: int | str | None):

@@ -155,6 +155,24 @@ def param_count(cfg: IGPTConfig) -> int:
   return blocks + cfg.n_ctx * d + 2 * v * d + d + d + cfg.n_classes * d
 
 
+def matmul_params(cfg: IGPTConfig) -> int:
+  """Parameters that are matmul weights: everything but the lookups (wte, wpe, sos).
+
+  The untied head wtet [V, D] is a real matmul and counts, as in PaLM's MFU.
+  """
+  return param_count(cfg) - cfg.vocab_size * cfg.n_embd - cfg.n_ctx * cfg.n_embd - cfg.n_embd
+
+
+def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
+  """Model FLOPs per token (PaLM appendix B): 6 N + 12 L T D for fwd + bwd, 2 N + 4 L T D fwd.
+
+  N = `matmul_params`; the attention term counts the full [T, T] score and value matmuls (no
+  causal discount), so blocked attention that skips the upper triangle shows up as higher MFU.
+  """
+  n, attn = matmul_params(cfg), cfg.n_layer * cfg.n_ctx * cfg.n_embd
+  return 6 * n + 12 * attn if backward else 2 * n + 4 * attn
+
+
 def check_tokens(tokens: jax.Array, cfg: IGPTConfig, *, full_length: bool = True) -> None:
   """ValueError unless tokens are an int [B, T] batch of palette ids (value check if concrete)."""
   if tokens.ndim != 2:

@@ -40,18 +40,48 @@ RULES = (
 )
 
 
+# A plain multi-host launch names the job itself; jax reads the first from the environment but
+# not the other two, so all three are passed to `jax.distributed.initialize` explicitly.
+PROCESS_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Set by clusters whose layout jax detects on its own (SLURM, Cloud TPU pods and multislice).
+CLUSTER_VARIABLES = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
 def maybe_initialize_distributed() -> None:
   """Joins the multi-process job when the environment describes one.
 
-  Cloud TPU pods and SLURM/GPU clusters are detected by jax itself; a plain multi-host launch
-  sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  Cloud TPU pods and SLURM clusters are detected by jax itself; a plain multi-host launch sets
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
   env = os.environ
-  if ("JAX_COORDINATOR_ADDRESS" in env or "SLURM_NTASKS" in env or "TPU_WORKER_HOSTNAMES" in env
-      or "MEGASCALE_COORDINATOR_ADDRESS" in env):
+  given = [k for k in PROCESS_VARIABLES if k in env]
+  if given:
+    if len(given) < len(PROCESS_VARIABLES):
+      missing = [k for k in PROCESS_VARIABLES if k not in env]
+      raise ValueError(f"a multi-process launch sets all of {', '.join(PROCESS_VARIABLES)}; "
+                       f"{', '.join(given)} set but {', '.join(missing)} missing")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+  elif any(k in env for k in CLUSTER_VARIABLES):
     jax.distributed.initialize()
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+  else:
+    return
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def require_one_process(script: str) -> None:
+  """Joins the job like `maybe_initialize_distributed`, then refuses to run on several processes.
+
+  For scripts whose outputs are written by every process or whose programs span local devices
+  only: on a pod they must run on one host, outside the multi-process job.
+  """
+  maybe_initialize_distributed()
+  if jax.process_count() > 1:
+    raise SystemExit(f"{script} runs as one process, not {jax.process_count()}: start it on one "
+                     f"host without {' / '.join(PROCESS_VARIABLES + CLUSTER_VARIABLES)} (e.g. "
+                     "on one TPU VM worker, or outside srun)")
 
 
 def use_one_cpu_device_per_core(batch_size: int | None = None) -> None:

@@ -2,6 +2,7 @@
 
 No loop, no I/O: igpt_jax/train.py (the loop), igpt_jax/finetune.py (classifier losses) and the
 benchmarks build on these.
+  for_mesh(cfg, mesh) -> cfg with "auto" attention resolved for the mesh's devices
   make_optimizer(lr, total_steps, warmup_steps=0, grad_clip=0.0, schedule="cosine")
   TrainState(step, params, opt_state)
   state_shardings(cfg, tx, mesh) / create_train_state(cfg, tx, mesh, rng)
@@ -26,10 +27,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import model as model_lib
 from igpt_jax import sharding as sharding_lib
 
 LN2 = math.log(2.0)
+
+
+def for_mesh(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh) -> model_lib.IGPTConfig:
+  """cfg with "auto" attention resolved for the devices of mesh.
+
+  The mesh's devices decide, not the host's default backend: a plan compiles for TPU on a CPU.
+  """
+  platform = mesh.devices.flat[0].platform
+  return cfg.replace(attention=attention_lib.resolve(cfg.attention, cfg.dtype, platform))
 
 
 # -- optimizer --------------------------------------------------------------------------------
@@ -67,12 +78,17 @@ class TrainState:
 
 def state_shardings(cfg: model_lib.IGPTConfig, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh) -> TrainState:
-  """NamedShardings of the train state: Adam's moments are laid out like their parameters."""
+  """NamedShardings of the train state: Adam's moments are laid out like their parameters.
+
+  Shapes only, nothing runs: this also serves a mesh of compile-only devices (launch/plan.py),
+  where any eager op (optax.tree_map_params's placeholder init, a random key) would fail.
+  """
   params = sharding_lib.param_shardings(cfg, mesh)
+  treedef = jax.tree.structure(params)
+  like_params = lambda x: jax.tree.structure(x) == treedef  # a moment, or an update of params
   abstract = jax.eval_shape(lambda: tx.init(model_lib.init_params(cfg, jax.random.key(0))))
-  opt_state = optax.tree_map_params(
-      tx, lambda _, s: s, abstract, params,
-      transform_non_params=lambda _: sharding_lib.replicated(mesh))
+  opt_state = jax.tree.map(lambda x: params if like_params(x) else sharding_lib.replicated(mesh),
+                           abstract, is_leaf=like_params)
   return TrainState(step=sharding_lib.replicated(mesh), params=params, opt_state=opt_state)
 
 

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -72,7 +73,9 @@ class _Preemption:
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # With several processes jax's own SIGTERM notifier (from jax.distributed.initialize) must
+    # keep the signal: through it the hosts agree on the step to stop at (reached_preemption).
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
     return self
 
@@ -176,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finetuning = bool(config.init_workdir)
   cfg, palette, init_params = _model(config, workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
+  cfg = steps_lib.for_mesh(cfg, mesh)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if config.batch_size % config.accum_steps:
     raise ValueError(f"batch_size={config.batch_size} does not split into "
@@ -245,6 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     t_log, step_log = time.perf_counter(), start
     for step in range(start + 1, config.total_steps + 1):
       batch = next(train_iter)
+      if step == start + 1:  # hosts that read the same rows would each train on a copy
+        logging.info("process %d of %d: batch %d has %d rows here, crc32 %08x",
+                     jax.process_index(), jax.process_count(), step, len(batch["tokens"]),
+                     zlib.crc32(batch["tokens"].tobytes()))
       state, metrics = train_step(state, sharding_lib.shard_batch(
           {k: batch[k] for k in batch_keys}, mesh))
       pending.append((step, metrics))

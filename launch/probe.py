@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from igpt_jax import console
 from igpt_jax import probe
+from igpt_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Probe config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding the checkpoint.")
@@ -36,6 +37,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   console.setup()
+  sharding.require_one_process("launch/probe.py")  # extraction spans this host's devices
   results = probe.run(_CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value, step=_STEP.value)
   print(json.dumps(results["summary"]))
 

@@ -52,6 +52,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   console.setup()
   sharding.use_one_cpu_device_per_core()
+  sharding.require_one_process("launch/sample.py")  # every process would write the same files
   with console.status(f"loading {_WORKDIR.value}"):
     cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
   out = _OUT.value or os.path.join(_WORKDIR.value, "samples")

@@ -56,6 +56,10 @@ def test_resolve():
   assert attention.resolve("xla", jnp.float32) == "xla"
   expected = "blocked" if jax.default_backend() != "gpu" else "cudnn"
   assert attention.resolve("auto", jnp.bfloat16) == expected
+  # The target devices decide, not the host that compiles (ahead-of-time plans for accelerators).
+  assert attention.resolve("auto", jnp.bfloat16, platform="gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.float32, platform="gpu") == "xla"
+  assert attention.resolve("auto", jnp.bfloat16, platform="cpu") == "blocked"
   with pytest.raises(ValueError, match="flash"):
     attention.resolve("flash", jnp.float32)
   with pytest.raises(ValueError, match="attention"):
