@@ -95,18 +95,21 @@ def _unrolled(config: ml_collections.ConfigDict, n_layer: int) -> ml_collections
 
 
 def estimated_step_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGPTConfig, mesh,
-                           compiled) -> float:
+                           compiled) -> float | None:
   """The compiler's estimate (`optimal_seconds`) of one train step on mesh.
 
   A loop body counts once in XLA's cost analysis, so a scanned model or accumulated
   microbatches are estimated from two unrolled one-microbatch compiles of 1 and 2 blocks,
   extrapolated linearly to n_layer (identical blocks) and times accum_steps (the optimizer
-  update is then counted accum_steps times: a slight overestimate).
+  update is then counted accum_steps times: a slight overestimate). None when the two
+  estimates are not increasing (no extrapolation to trust).
   """
   if not cfg.scan_layers and config.accum_steps == 1:
     return float(compiled.cost_analysis()["optimal_seconds"])
   one, two = (float(lower_train_step(_unrolled(config, n), mesh)[2].compile()
                     .cost_analysis()["optimal_seconds"]) for n in (1, 2))
+  if not 0 < one < two:  # seen on v5e: an unrolled compile's estimate below the smaller one's
+    return None
   return config.accum_steps * (one + (cfg.n_layer - 1) * (two - one))
 
 
@@ -167,9 +170,10 @@ def plan_train_step(config: ml_collections.ConfigDict, topology: str):
   est = estimated_step_seconds(config, cfg, mesh, compiled)
   record.update(
       temp_gib=round(mem.temp_size_in_bytes / GIB, 3), per_device_gib=round(total / GIB, 3),
-      fits=total <= hbm_gib * GIB, compile_s=round(compile_s, 1), est_step_s=float(f"{est:.4g}"),
-      est_tokens_per_s=round(tokens / est), est_mfu=round(
-          record["flops_per_step"] / (est * len(devices) * peak), 4))
+      fits=total <= hbm_gib * GIB, compile_s=round(compile_s, 1),
+      est_step_s=float(f"{est:.4g}") if est else None,
+      est_tokens_per_s=round(tokens / est) if est else None,
+      est_mfu=round(record["flops_per_step"] / (est * len(devices) * peak), 4) if est else None)
   if not record["fits"]:
     record["reason"] = (f"needs {total / GIB:.2f} GiB per chip, more than the {hbm_gib} GiB of "
                         "HBM; " + advice(cfg, config, mesh, state_bytes, hbm_gib * GIB))

@@ -44,7 +44,7 @@ def main(argv):
   print(f"{record['model']} on {record['topology']} ({record['chips']} chips, mesh "
         f"{record['mesh']}): {mem} of {record['hbm_gib']} GiB HBM, compiled in "
         f"{record['compile_s']:.0f} s", flush=True)
-  if record["fits"]:
+  if record["est_step_s"]:
     print(f"compiler's estimate: {record['est_step_s'] * 1e3:.1f} ms/step, "
           f"{record['est_tokens_per_s']:.0f} tokens/s, MFU {record['est_mfu']:.1%} "
           f"({record['flops_per_step'] / 1e12:.1f} TFLOP per step)", flush=True)
