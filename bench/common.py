@@ -51,6 +51,33 @@ def random_tokens(cfg: IGPTConfig, batch: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.n_ctx), np.int32)
 
 
+def hf_peer(cfg: IGPTConfig, batch: int, dtype: str = "float32"):
+  """Hugging Face's ImageGPTForCausalImageModeling built as iGPT is, and the settings it runs with.
+
+  iGPT has no dropout and neither has our model, so the peer's default dropout (0.1 on
+  embeddings, residuals and attention) is turned off: with it the peer does extra work ours does
+  not. Same shape, batch and dtype; torch uses every core through its threads. -> (model,
+  settings): settings names every peer setting for the bench's JSON.
+  """
+  import torch
+  import transformers
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  hf_cfg = transformers.ImageGPTConfig(
+      vocab_size=cfg.vocab_size + 1, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
+      n_layer=cfg.n_layer, n_head=cfg.n_head, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+  model = transformers.ImageGPTForCausalImageModeling(hf_cfg).to(getattr(torch, dtype))
+  settings = dict(
+      peer="transformers ImageGPTForCausalImageModeling", peer_version=transformers.__version__,
+      peer_torch=torch.__version__, peer_threads=torch.get_num_threads(), peer_dtype=dtype,
+      peer_batch=batch, peer_n_ctx=cfg.n_ctx, peer_n_layer=cfg.n_layer, peer_n_embd=cfg.n_embd,
+      peer_n_head=cfg.n_head, peer_attn_pdrop=hf_cfg.attn_pdrop,
+      peer_resid_pdrop=hf_cfg.resid_pdrop, peer_embd_pdrop=hf_cfg.embd_pdrop,
+      peer_attention=model.config._attn_implementation, peer_tokens="random_tokens(seed 0)")
+  return model, settings
+
+
 def device_name() -> str:
   d = jax.devices()[0]
   return f"{d.platform}:{d.device_kind} x{jax.device_count()} ({os.cpu_count()} host cores)"

@@ -66,15 +66,11 @@ def bytes_per_step(cfg, batch):
 
 
 def time_peer(cfg, batch, repeats):
+  """Best seconds of HF ImageGPT generate (bench/common.hf_peer), and the peer's settings."""
   import torch
-  import transformers
 
-  torch.set_num_threads(os.cpu_count())
-  torch.manual_seed(0)
-  hf_cfg = transformers.ImageGPTConfig(vocab_size=cfg.vocab_size + 1, n_positions=cfg.n_ctx,
-                                       n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                                       n_head=cfg.n_head)
-  peer = transformers.ImageGPTForCausalImageModeling(hf_cfg).eval()
+  peer, settings = common.hf_peer(cfg, batch, cfg.dtype)
+  peer.eval()
   # HF keeps the start token as the last vocabulary row.
   start = torch.full((batch, 1), cfg.vocab_size, dtype=torch.long)
 
@@ -84,7 +80,7 @@ def time_peer(cfg, batch, repeats):
                           temperature=1.0, use_cache=True, pad_token_id=cfg.vocab_size)
     assert out.shape == (batch, cfg.n_ctx + 1), out.shape
 
-  return common.best_seconds(run, repeats)
+  return common.best_seconds(run, repeats), settings
 
 
 def main(argv):
@@ -114,8 +110,9 @@ def main(argv):
                 read_gb_per_s=round(read / 1e9, 1),
                 bandwidth_bound_tokens_per_s=round(batch * read / step_bytes, 1))
   if FLAGS.peer:
-    peer = time_peer(cfg, batch, FLAGS.repeats)
-    result.update(peer_seconds=round(peer, 3), peer_tokens_per_s=round(tokens / peer, 1),
+    peer, settings = time_peer(cfg, batch, FLAGS.repeats)
+    result.update(settings, peer_sampler="generate(do_sample, top_k 0, temperature 1, cache)",
+                  peer_seconds=round(peer, 3), peer_tokens_per_s=round(tokens / peer, 1),
                   ratio=round(peer / ours, 2))
   print(json.dumps(result))
 

@@ -14,7 +14,6 @@ The last line of stdout is one JSON object.
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import app, flags
@@ -64,14 +63,11 @@ def time_ours(cfg, batch, steps):
 
 
 def time_peer(cfg, batch, steps):
-  """Seconds per step of HF ImageGPT on CPU, same shape, batch and random tokens."""
+  """Seconds per step of HF ImageGPT on CPU (bench/common.hf_peer: dropout off, same shape,
+  batch, dtype and random tokens). -> (s/step, settings)."""
   import torch
-  from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-  torch.set_num_threads(os.cpu_count())
-  torch.manual_seed(0)
-  hf_cfg = ImageGPTConfig(vocab_size=cfg.vocab_size + 1, n_positions=cfg.n_ctx,
-                          n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head)
-  model = ImageGPTForCausalImageModeling(hf_cfg).train()
+  model, settings = common.hf_peer(cfg, batch, cfg.dtype)
+  model.train()
   opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.95))
   tokens = torch.from_numpy(common.random_tokens(cfg, batch)).long()
 
@@ -85,7 +81,7 @@ def time_peer(cfg, batch, steps):
   t0 = time.perf_counter()
   for _ in range(steps):
     step()
-  return (time.perf_counter() - t0) / steps, model.config._attn_implementation
+  return (time.perf_counter() - t0) / steps, settings
 
 
 def main(_):
@@ -103,19 +99,19 @@ def main(_):
       n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, batch=FLAGS.batch,
       dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat, scan=cfg.scan_layers,
       steps=FLAGS.steps, ours_tokens_per_s=round(ours, 1), step_s=round(sec, 4),
-      compile_s=round(compile_s, 2), peak_memory_gib=common.peak_memory_gib(), loss_first=round(loss0, 4), loss_last=round(loss1, 4),
+      compile_s=round(compile_s, 2), peak_memory_gib=common.peak_memory_gib(),
+      loss_first=round(loss0, 4), loss_last=round(loss1, 4),
       flops_per_token=common.flops_per_token(cfg), peak_flops=int(peak),
       mfu=round(ours * common.flops_per_token(cfg) / peak, 4))
   print(f"ours: {ours:.0f} tokens/s ({sec:.3f} s/step, compile {compile_s:.1f} s, "
         f"MFU {record['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s)", flush=True)
   if FLAGS.peer:
-    peer_sec, peer_attn = time_peer(cfg, FLAGS.batch, FLAGS.steps)
+    peer_sec, settings = time_peer(cfg, FLAGS.batch, FLAGS.steps)
     peer = tokens_per_step / peer_sec
-    record.update(peer="transformers ImageGPTForCausalImageModeling", peer_attention=peer_attn,
-                  peer_tokens_per_s=round(peer, 1), ratio=round(ours / peer, 2),
+    record.update(settings, peer_tokens_per_s=round(peer, 1), ratio=round(ours / peer, 2),
                   peer_mfu=round(peer * common.flops_per_token(cfg) / peak, 4))
-    print(f"peer: {peer:.0f} tokens/s ({peer_attn} attention), ratio {ours / peer:.2f}x",
-          flush=True)
+    print(f"peer: {peer:.0f} tokens/s ({settings['peer_attention']} attention, no dropout), "
+          f"ratio {ours / peer:.2f}x", flush=True)
   record.update(load_before=round(load_before, 2), load_after=round(common.load(), 2))
   common.emit(record)
 

@@ -7,35 +7,52 @@ meets keys [0, (i + 1) * block), so the upper triangle is never computed, neithe
 the autodiff backward (every block has static shapes: the skipped part simply does not exist).
 Only the diagonal tile needs a mask.
 
-`attention(q, k, v, causal=..., implementation=...)` dispatches between this and
-`jax.nn.dot_product_attention` ("xla", "cudnn"); "auto" picks cudnn on GPU (16-bit), blocked on CPU.
+On TPUs the same problem has a fused answer: Pallas' splash attention (flash attention with a
+block-sparse mask: causal tiles above the diagonal are skipped) never writes the [T, T] scores to
+HBM, forward or backward. It is a Mosaic kernel, which XLA cannot partition, so `splash_attention`
+runs it under `jax.shard_map`: each device gets its slice of the batch (`data`, `fsdp`) and of the
+heads (`tensor`), which is how the model shards q/k/v anyway (sharding.RULES), so no data moves.
+
+`attention(q, k, v, causal=..., implementation=...)` dispatches between these and
+`jax.nn.dot_product_attention` ("xla", "cudnn"); "auto" follows the platform the program is
+compiled for (`resolve`): splash on TPU, cudnn on GPU (16-bit), blocked on CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")
 DEFAULT_BLOCK = 128
+SPLASH_BLOCK = 512  # splash tile edge (q and kv), capped at T; a multiple of 128 for the MXU
+# The mesh axes the model's batch and heads are split over (sharding.RULES; named here because
+# sharding imports the model, which imports this module).
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
 def resolve(implementation: str, dtype, platform: str | None = None) -> str:
-  """'auto' -> 'cudnn' on GPU for 16-bit inputs (all it supports), 'xla' on GPU for float32,
-  'blocked' elsewhere; other names pass through.
+  """The implementation for `platform` ("cpu", "gpu", "tpu"; None = jax.default_backend()).
 
-  platform: the devices the program is built for ("cpu", "gpu", "tpu"); None is
-  jax.default_backend(). An ahead-of-time compile for a TPU topology from a CPU host passes "tpu".
+  'auto' -> 'splash' on TPU, 'cudnn' on GPU for 16-bit inputs (all it supports), 'xla' on GPU
+  for float32, 'blocked' elsewhere; other names pass through. A CPU host that compiles for a TPU
+  topology passes platform="tpu".
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; expected one of "
                      f"{IMPLEMENTATIONS}")
   if implementation != "auto":
     return implementation
-  if (platform or jax.default_backend()) != "gpu":
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "splash"
+  if platform != "gpu":
     return "blocked"
   return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
 
@@ -65,9 +82,46 @@ def blocked_attention(q, k, v, *, causal: bool, block: int = DEFAULT_BLOCK):
   return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3))  # [B, T, H, K]
 
 
-def attention(q, k, v, *, causal: bool, implementation: str = "auto"):
+def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
+  """Splash attention on one device's shard, q/k/v [b, T, h, K] -> [b, T, h, K]."""
+  _, t, h, hd = q.shape
+  block = min(block, t)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
+  mask = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
+  kernel = splash.make_splash_mha_single_device(
+      splash.MultiHeadMask([mask] * h), block_sizes=sizes, interpret=interpret)
+  # The kernel takes one example, heads leading ([h, T, K]), and does not scale the scores.
+  heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [b, T, h, K] <-> [b, h, T, K]
+  q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)
+  return heads_first(jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v)))
+
+
+def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interpret: bool = False):
+  """Pallas splash attention (TPU), q/k/v [B, T, H, K] -> [B, T, H, K], on any mesh.
+
+  Under a mesh (`jax.set_mesh`) the kernel runs per device inside `jax.shard_map`, with the batch
+  split over the mesh's data/fsdp axes and the heads over `tensor`; T must then be whole on each
+  device. `block` (capped at T) must divide T. interpret=True runs the kernel's Pallas interpreter (any backend; slow; for tests).
+  """
+  chex.assert_rank([q, k, v], 4)
+  chex.assert_equal_shape([q, k, v])
+  local = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+  spec = P(batch, None, HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def attention(q, k, v, *, causal: bool, implementation: str = "auto",
+              platform: str | None = None):
   """q/k/v [B, T, H, K] -> [B, T, H, K] with the named implementation (see `resolve`)."""
-  impl = resolve(implementation, q.dtype)
+  impl = resolve(implementation, q.dtype, platform)
   if impl == "blocked":
     return blocked_attention(q, k, v, causal=causal)
+  if impl == "splash":
+    return splash_attention(q, k, v, causal=causal)
   return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)

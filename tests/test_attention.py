@@ -34,6 +34,36 @@ def test_blocked_matches_reference_values_and_grads(causal, t, block):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+# Pallas' interpreter (the TPU kernel on CPU): T 256 in tiles of 128, so the causal mask skips a
+# tile, a partial (diagonal) tile and a full one all occur, forward and in both backward kernels.
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_interpret_matches_reference_values_and_grads(causal):
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = [jax.random.normal(key, (2, 256, 2, 16), jnp.float32) for key in keys]
+  loss = lambda fn, q, k, v: jnp.vdot(fn(q, k, v), g)
+  ref = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
+  ours = functools.partial(attention.splash_attention, causal=causal, block=128, interpret=True)
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
+  grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
+  grads_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_splash_runs_per_device_on_a_data_fsdp_tensor_mesh():
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q, k, v = _qkvg(128)[:3]
+  q, k, v = (jnp.concatenate([x, x], axis=0)[:, :, :2] for x in (q, k, v))  # [4, 128, 2, 8]
+  ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                                                     "tensor", None))
+  with jax.set_mesh(mesh):
+    fn = jax.jit(functools.partial(attention.splash_attention, causal=True, interpret=True))
+    out = fn(*(jax.device_put(x, spec) for x in (q, k, v)))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_blocked_is_causal():
   q, k, v, _ = _qkvg(32)
   out = attention.blocked_attention(q, k, v, causal=True, block=8)
@@ -56,10 +86,13 @@ def test_resolve():
   assert attention.resolve("xla", jnp.float32) == "xla"
   expected = "blocked" if jax.default_backend() != "gpu" else "cudnn"
   assert attention.resolve("auto", jnp.bfloat16) == expected
-  # The target devices decide, not the host that compiles (ahead-of-time plans for accelerators).
-  assert attention.resolve("auto", jnp.bfloat16, platform="gpu") == "cudnn"
-  assert attention.resolve("auto", jnp.float32, platform="gpu") == "xla"
-  assert attention.resolve("auto", jnp.bfloat16, platform="cpu") == "blocked"
+  # The target platform decides, not the host's backend (a CPU host compiling for a TPU).
+  assert attention.resolve("auto", jnp.bfloat16, "tpu") == "splash"
+  assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+  assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
+  assert attention.resolve("auto", jnp.float32, "cpu") == "blocked"
+  assert attention.resolve("splash", jnp.float32, "cpu") == "splash"
+  assert IGPTConfig(attention="splash").attention == "splash"
   with pytest.raises(ValueError, match="flash"):
     attention.resolve("flash", jnp.float32)
   with pytest.raises(ValueError, match="attention"):
