@@ -57,6 +57,63 @@ def resolve(implementation: str, dtype, platform: str | None = None) -> str:
   return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
+def _query_blocks(t: int, block: int, causal: bool):
+  """(start, end, stop) per query block: rows [start, end) see keys [0, stop)."""
+  for start in range(0, t, block):
+    end = min(start + block, t)  # the last block may be shorter
+    yield start, end, (end if causal else t)
+
+
+def _blocked_fwd(q, k, v, causal, block):
+  """q/k/v [N, T, K] (q pre-scaled) -> (out [N, T, K], per-block (e, l) for the backward).
+
+  e = exp(s - rowmax) [N, q, stop] and l = its row sums [N, q, 1], float32. The output is
+  divided by l after the value matmul ([q, K], not the [q, stop] probabilities).
+  """
+  outs, saved = [], []
+  for start, end, stop in _query_blocks(q.shape[1], block, causal):
+    s = jnp.einsum("nqk,nsk->nqs", q[:, start:end], k[:, :stop],
+                   preferred_element_type=jnp.float32)  # [N, end - start, stop]
+    if causal:  # only the last key tile crosses the diagonal, but one select is one pass
+      s = jnp.where(jnp.tril(jnp.ones((end - start, stop), bool), k=start), s, -jnp.inf)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # masked entries: exactly 0
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("nqs,nsk->nqk", e.astype(v.dtype), v[:, :stop],
+                   preferred_element_type=jnp.float32) / l
+    outs.append(o.astype(q.dtype))
+    saved.append((e, l))
+  out = jnp.concatenate(outs, axis=1)
+  return out, (q, k, v, out, saved)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_core(q, k, v, causal, block):
+  return _blocked_fwd(q, k, v, causal, block)[0]
+
+
+def _blocked_bwd(causal, block, res, dout):
+  """Flash attention's backward per query block: with p = e / l and delta = rowsum(dout * out),
+  ds = p * (dp - delta); no [q, stop] tensor but e, dp and ds is ever formed."""
+  q, k, v, out, saved = res
+  f32 = jnp.float32
+  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [N, T, 1]
+  dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+  for (start, end, stop), (e, l) in zip(_query_blocks(q.shape[1], block, causal), saved):
+    do = dout[:, start:end]
+    dp = jnp.einsum("nqk,nsk->nqs", do, v[:, :stop], preferred_element_type=f32)
+    ds = (e * (dp - delta[:, start:end]) / l).astype(q.dtype)  # [N, q, stop]
+    dv = dv.at[:, :stop].add(jnp.einsum("nqs,nqk->nsk", e.astype(v.dtype),
+                                        (do / l).astype(v.dtype), preferred_element_type=f32))
+    dk = dk.at[:, :stop].add(jnp.einsum("nqs,nqk->nsk", ds, q[:, start:end],
+                                        preferred_element_type=f32))
+    dq.append(jnp.einsum("nqs,nsk->nqk", ds, k[:, :stop], preferred_element_type=f32))
+  return (jnp.concatenate(dq, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+
+
+_blocked_core.defvjp(lambda q, k, v, causal, block: _blocked_fwd(q, k, v, causal, block),
+                     _blocked_bwd)
+
+
 def blocked_attention(q, k, v, *, causal: bool, block: int = DEFAULT_BLOCK):
   """Softmax attention, q/k/v [B, T, H, K] -> [B, T, H, K], one query block at a time.
 
@@ -65,21 +122,12 @@ def blocked_attention(q, k, v, *, causal: bool, block: int = DEFAULT_BLOCK):
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
   b, t, h, hd = q.shape
-  # Heads lead the batch dims so each score tile is a plain batched [block, keys] matmul.
-  q = jnp.transpose(q * jnp.asarray(1 / math.sqrt(hd), q.dtype), (0, 2, 1, 3))  # [B, H, T, K]
-  k = jnp.transpose(k, (0, 2, 1, 3))
-  v = jnp.transpose(v, (0, 2, 1, 3))
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)  # the last block may be shorter
-    stop = end if causal else t  # keys this query block can see
-    s = jnp.einsum("bhqk,bhsk->bhqs", q[:, :, start:end], k[:, :, :stop],
-                   preferred_element_type=jnp.float32)  # [B, H, end - start, stop]
-    if causal:
-      s = jnp.where(jnp.tril(jnp.ones((end - start, stop), bool), k=start), s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bhqs,bhsk->bhqk", p, v[:, :, :stop]))
-  return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3))  # [B, T, H, K]
+  # One head at a time (lax.map over H, the batch inside): each step's [B, block, keys] score
+  # tiles stay in cache between the matmul, the softmax and the next matmul.
+  heads = lambda x: jnp.transpose(x, (2, 0, 1, 3))  # [B, T, H, K] -> [H, B, T, K]
+  q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)
+  out = jax.lax.map(lambda x: _blocked_core(*x, causal, block), (heads(q), heads(k), heads(v)))
+  return jnp.transpose(out, (1, 2, 0, 3))  # [H, B, T, K] -> [B, T, H, K]
 
 
 def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):

@@ -54,7 +54,8 @@ class IGPTConfig:
     `nn.scan` (one compiled block: compile time independent of depth).
   attention: "blocked" (causal query blocks that skip the upper triangle, `igpt_jax.attention`;
     fastest on CPU), "xla" (`jax.nn.dot_product_attention`), "cudnn" (flash attention on NVIDIA
-    GPUs, needs bf16/fp16) or "auto" (cudnn on GPU in 16 bit, xla on GPU in fp32, else blocked).
+    GPUs, needs bf16/fp16), "splash" (Pallas splash attention, TPU only) or "auto" (splash on
+    TPU, cudnn on GPU in 16 bit, xla on GPU in fp32, else blocked; see attention.resolve).
   n_classes: > 0 adds the fine-tuning classifier head (mean of the ln_f output, zero init).
   """
 
