@@ -35,6 +35,9 @@ flags.DEFINE_string("attention", "auto", "IGPTConfig.attention")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "IGPTConfig.remat")
 flags.DEFINE_bool("scan", False, "IGPTConfig.scan_layers")
 flags.DEFINE_integer("steps", 5, "timed steps (after one compile/warm-up step)")
+flags.DEFINE_bool("device_per_core", True,
+                  "On CPU, one XLA device per core with the batch split over them, as "
+                  "launch/train.py runs (the peer uses every core through torch's threads).")
 flags.DEFINE_bool("peer", False, "also time HF ImageGPTForCausalImageModeling (the torch CPU "
                   "build: on a GPU box the ratio compares devices)")
 FLAGS = flags.FLAGS
@@ -85,6 +88,8 @@ def time_peer(cfg, batch, steps):
 
 
 def main(_):
+  if FLAGS.device_per_core:
+    sharding.use_one_cpu_device_per_core(FLAGS.batch)
   cfg = IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
                    n_head=FLAGS.n_head, dtype=FLAGS.dtype, attention=FLAGS.attention,
                    remat=FLAGS.remat, scan_layers=FLAGS.scan)
@@ -97,7 +102,8 @@ def main(_):
   record = dict(
       bench="train_step", device=common.device_name(), n_px=cfg.n_px, n_ctx=cfg.n_ctx,
       n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, batch=FLAGS.batch,
-      dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat, scan=cfg.scan_layers,
+      devices=jax.device_count(), dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat,
+      scan=cfg.scan_layers,
       steps=FLAGS.steps, ours_tokens_per_s=round(ours, 1), step_s=round(sec, 4),
       compile_s=round(compile_s, 2), peak_memory_gib=common.peak_memory_gib(),
       loss_first=round(loss0, 4), loss_last=round(loss1, 4),

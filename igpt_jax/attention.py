@@ -150,7 +150,8 @@ def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interp
 
   Under a mesh (`jax.set_mesh`) the kernel runs per device inside `jax.shard_map`, with the batch
   split over the mesh's data/fsdp axes and the heads over `tensor`; T must then be whole on each
-  device. `block` (capped at T) must divide T. interpret=True runs the kernel's Pallas interpreter (any backend; slow; for tests).
+  device. `block` (capped at T) must divide T. interpret=True runs the kernel's Pallas
+  interpreter (any backend; slow; for tests).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
