@@ -3,9 +3,12 @@
 At T = 1024 a plain attention materialises [B, H, T, T] float32 scores and probabilities, and
 its backward reads them back: the step is bound by memory traffic, and half of that work is the
 masked upper triangle. Here the queries are cut into blocks of `block` rows; query block i only
-meets keys [0, (i + 1) * block), so the upper triangle is never computed, neither forward nor in
-the autodiff backward (every block has static shapes: the skipped part simply does not exist).
-Only the diagonal tile needs a mask.
+meets keys [0, (i + 1) * block), so the upper triangle is never computed, neither forward nor
+backward (every block has static shapes: the skipped part simply does not exist). The backward is
+written out (flash attention's, from the saved exponentials and row sums), which forms fewer
+[block, keys] tensors than autodiff of the softmax, and the heads run one at a time so those
+tiles stay in cache. (With heads split over a `tensor` mesh axis that loop gathers them: the
+blocked kernel is for CPUs, where meshes split the batch.)
 
 On TPUs the same problem has a fused answer: Pallas' splash attention (flash attention with a
 block-sparse mask: causal tiles above the diagonal are skipped) never writes the [T, T] scores to
