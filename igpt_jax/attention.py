@@ -40,12 +40,14 @@ SPLASH_BLOCK = 512  # splash tile edge (q and kv), capped at T; a multiple of 12
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
 
 
-def resolve(implementation: str, dtype, platform: str | None = None) -> str:
+def resolve(implementation: str, dtype, platform: str | None = None,
+            seq_len: int | None = None) -> str:
   """The implementation for `platform` ("cpu", "gpu", "tpu"; None = jax.default_backend()).
 
-  'auto' -> 'splash' on TPU, 'cudnn' on GPU for 16-bit inputs (all it supports), 'xla' on GPU
-  for float32, 'blocked' elsewhere; other names pass through. A CPU host that compiles for a TPU
-  topology passes platform="tpu".
+  'auto' -> 'splash' on TPU (or 'xla' when seq_len is not a multiple of the 128-wide tiles the
+  kernel needs, e.g. 8x8 images), 'cudnn' on GPU for 16-bit inputs (all it supports), 'xla' on
+  GPU for float32, 'blocked' elsewhere; other names pass through. A CPU host that compiles for a
+  TPU topology passes platform="tpu".
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}; expected one of "
@@ -54,7 +56,7 @@ def resolve(implementation: str, dtype, platform: str | None = None) -> str:
     return implementation
   platform = platform or jax.default_backend()
   if platform == "tpu":
-    return "splash"
+    return "splash" if seq_len is None or seq_len % 128 == 0 else "xla"
   if platform != "gpu":
     return "blocked"
   return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"

@@ -441,17 +441,23 @@ def check_layers(cfg: IGPTConfig, layers) -> None:
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: IGPTConfig, rng: jax.Array):
   """Unboxed parameters (plain arrays) of a fresh model (jitted: eager init is slow)."""
-  tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
-  mask = jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None
-  variables = IGPT(cfg).init(rng, tokens, mask)
-  return nn.unbox(variables["params"])
+  return nn.unbox(_init_variables(cfg, rng)["params"])
 
 
 def abstract_params(cfg: IGPTConfig):
   """ShapeDtypeStructs of the parameters, with their logical partitioning boxes; no memory."""
-  return jax.eval_shape(lambda: IGPT(cfg).init(
-      jax.random.key(0), jnp.zeros((1, cfg.n_ctx), jnp.int32),
-      jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None))["params"]
+  return jax.eval_shape(lambda: _init_variables(cfg, jax.random.key(0)))["params"]
+
+
+def _init_variables(cfg: IGPTConfig, rng: jax.Array):
+  """Variables of a fresh model, traced on one image.
+
+  The parameters do not depend on the attention kernel, and a kernel run per device under the
+  mesh (splash) cannot split a batch of one, so init always traces the XLA attention.
+  """
+  tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
+  mask = jnp.zeros((1, cfg.n_ctx), bool) if cfg.objective == "bert" else None
+  return IGPT(cfg.replace(attention="xla")).init(rng, tokens, mask)
 
 
 def init_cache(cfg: IGPTConfig, batch_size: int, length: int | None = None):

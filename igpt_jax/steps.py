@@ -40,7 +40,8 @@ def for_mesh(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh) -> model_lib.IG
   The mesh's devices decide, not the host's default backend: a plan compiles for TPU on a CPU.
   """
   platform = mesh.devices.flat[0].platform
-  return cfg.replace(attention=attention_lib.resolve(cfg.attention, cfg.dtype, platform))
+  return cfg.replace(attention=attention_lib.resolve(cfg.attention, cfg.dtype, platform,
+                                                     seq_len=cfg.n_ctx))
 
 
 # -- optimizer --------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ def test_resolve():
   assert attention.resolve("auto", jnp.bfloat16) == expected
   # The target platform decides, not the host's backend (a CPU host compiling for a TPU).
   assert attention.resolve("auto", jnp.bfloat16, "tpu") == "splash"
+  assert attention.resolve("auto", jnp.bfloat16, "tpu", seq_len=1024) == "splash"
+  assert attention.resolve("auto", jnp.bfloat16, "tpu", seq_len=64) == "xla"  # 8x8: no tiles
   assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
   assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
   assert attention.resolve("auto", jnp.float32, "cpu") == "blocked"

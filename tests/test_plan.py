@@ -53,3 +53,12 @@ def test_too_large_a_step_fails_with_the_reason():
   assert record["fits"] is False and record["per_device_gib"] is None
   assert record["hbm_gib"] == 16 and record["state_gib"] > 16
   assert "RESOURCE_EXHAUSTED" in record["reason"] and "fsdp" in record["reason"]
+
+
+def test_auto_attention_is_splash_on_tpu_and_compiles_under_the_mesh():
+  # 16x16 images: T = 256 fills splash's 128-wide tiles; the kernel runs per device under
+  # shard_map, and the one-image init trace must not reach it.
+  model = dict(MODEL, n_px=16, n_layer=1, n_embd=256, scan_layers=False)
+  config = tiny_config(("unused.npz", "unused.npy"), model=model, mesh=(4, 1, 1))
+  record, _ = plan.plan_train_step(config, "v5p:2x2x1")
+  assert record["attention"] == "splash" and record["fits"]
