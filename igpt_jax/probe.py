@@ -10,6 +10,8 @@ read after ln_1 (the paper's probe) or before it ("residual"); layer n_layer is 
   probe_layers / low_data_probe / concat_layers                                       the tables
   pixel_features(tokens, palette, n_px)                                               baselines
   run(config, workdir, baselines=False) -> results dict                   behind launch/probe.py
+  make_evaluator(config, cfg, palette, mesh) -> fn(params, step) -> scalars    inside training
+  write_probe_vs_loss(workdir) -> path of the paper's Figure 3 from metrics.jsonl
 
 The probe is multinomial logistic regression, fitted full-batch with `optax.lbfgs` (zoom line
 search) in one jitted loop on standardised features. Its penalty `l2` multiplies 0.5 * |W|^2
@@ -23,6 +25,7 @@ import functools
 import itertools
 import json
 import os
+import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import chex
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from absl import logging
@@ -39,6 +43,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import console
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import sharding as sharding_lib
 
 DEFAULT_L2S = tuple(10.0 ** np.arange(-5, 0))  # 1e-5 .. 1e-1 on the mean-loss scale
 LOW_DATA_SIZES = (40, 250, 4000)
@@ -496,3 +501,119 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   plot_accuracy(os.path.join(out_dir, "accuracy_by_layer.png"), curves, flat)
   logging.info("summary: %s", summary)
   return results
+
+
+# -- probes during pretraining ----------------------------------------------------------------
+
+def spread_layers(n_layer: int) -> tuple[int, ...]:
+  """Layers at a quarter, half, three quarters and all of the depth (n_layer = ln_f output)."""
+  return tuple(sorted({round(f * n_layer) for f in (0.25, 0.75, 1.0)} | {n_layer // 2}))
+
+
+def _local_batches(config, split: str, palette, n_px: int) -> list[dict]:
+  """This process's share of a probe split, read once: eval batches of config.batch_size."""
+  return list(_checked_batches(config, split, palette, n_px, config.batch_size))
+
+
+def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable | None:
+  """The linear probe as a periodic evaluator of the training loop; None when probe_every = 0.
+
+  config (the training config; fields in experiments/base.py): probe_every,
+  probe_train_split / probe_eval_split (splits of config.data: a small labelled subset, read
+  once here), probe_layers (empty: `spread_layers`), probe_reading, probe_l2s. Returns fn(params, step) -> scalars: `probe_accuracy` (held-out,
+  best layer), `probe_layer`, `probe_accuracy_layerNN` per layer, `probe_seconds`, and
+  `probe_time_fraction` (of the wall time since the previous call, this one included). Call it
+  under the training mesh: every process extracts its rows of each batch with the params where
+  they lie, the features are gathered, and every process fits the same probes (process 0 logs).
+  """
+  if not config.probe_every:
+    return None
+  layers = tuple(config.probe_layers) or spread_layers(cfg.n_layer)
+  model_lib.check_layers(cfg, layers)
+  reading, l2s = config.probe_reading, tuple(config.probe_l2s)
+  splits = {"train": _local_batches(config, config.probe_train_split, palette, cfg.n_px),
+            "test": _local_batches(config, config.probe_eval_split, palette, cfg.n_px)}
+
+  @jax.jit
+  def features(params, batch):  # labels and valid ride along: they come back in feature order
+    mask = jnp.zeros(batch["tokens"].shape, bool) if cfg.objective == "bert" else None
+    feats = model_lib.IGPT(cfg).apply({"params": params}, batch["tokens"], layers, reading, mask,
+                                      method=model_lib.IGPT.features)
+    return {"layers": feats, "labels": batch["labels"], "valid": batch["valid"]}
+
+  def extract(params, batches):  # -> ({layer: [N, D]}, labels [N]), valid rows of every process
+    # All batches are dispatched before any is fetched (a subset's features are small); the
+    # gather is collective, so every process takes part.
+    outs = multihost_utils.process_allgather(
+        [features(params, sharding_lib.shard_batch(b, mesh)) for b in batches], tiled=True)
+    valid = np.concatenate([o["valid"] for o in outs])
+    return ({l: np.concatenate([o["layers"][l] for o in outs])[valid] for l in layers},
+            np.concatenate([o["labels"] for o in outs])[valid])
+
+  last_end = [time.perf_counter()]
+
+  def evaluate(params, step: int) -> dict:
+    start = time.perf_counter()
+    (train_x, train_y), (test_x, test_y) = (extract(params, splits[s]) for s in ("train", "test"))
+    acc = {l: linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=l2s)["accuracy"]
+           for l in layers}
+    best = max(acc, key=acc.get)
+    end = time.perf_counter()
+    scalars = {"probe_accuracy": acc[best], "probe_layer": best,
+               **{f"probe_accuracy_layer{l:02d}": a for l, a in acc.items()},
+               "probe_seconds": end - start,
+               "probe_time_fraction": (end - start) / (end - last_end[0])}
+    last_end[0] = end
+    if jax.process_index() == 0:
+      logging.info("step %d probe: best layer %d %.2f%% (%s) in %.1f s, %.0f%% of the time",
+                   step, best, 100 * acc[best],
+                   " ".join(f"{l}:{100 * a:.1f}" for l, a in acc.items()), end - start,
+                   100 * scalars["probe_time_fraction"])
+    return scalars
+
+  return evaluate
+
+
+def _probe_rows(workdir: str) -> list[dict]:
+  """metrics.jsonl rows holding both a probe and a held-out loss (last record of each step)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = {r["step"]: r for r in map(json.loads, f)}
+  return [rows[s] for s in sorted(rows) if "probe_accuracy" in rows[s] and "eval_loss" in rows[s]]
+
+
+def plot_probe_vs_loss(path: str, rows: Sequence[Mapping]) -> None:
+  """The paper's Figure 3: held-out probe accuracy against held-out loss, one line per layer.
+
+  rows: metrics records with eval_loss and probe_accuracy_layerNN. The loss axis runs from high
+  to low, so training moves left to right; each point of the best layer is labelled by its step.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  keys = sorted({k for r in rows for k in r if k.startswith("probe_accuracy_layer")})
+  loss = [r["eval_loss"] for r in rows]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in keys:
+    ax.plot(loss, [100 * r[key] for r in rows], marker="o", label=f"layer {int(key[-2:])}")
+  for r in rows:
+    ax.annotate(str(r["step"]), (r["eval_loss"], 100 * r["probe_accuracy"]), fontsize=7,
+                textcoords="offset points", xytext=(0, 5), ha="center")
+  ax.invert_xaxis()
+  ax.set_xlabel("held-out generative loss (nats/token)")
+  ax.set_ylabel("held-out linear probe accuracy (%)")
+  ax.set_title("probe accuracy over training (labels: step)", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_probe_vs_loss(workdir: str) -> str | None:
+  """Draws workdir/probe_vs_loss.png from the evaluator's rows; None when there are none."""
+  rows = _probe_rows(workdir)
+  if not rows:
+    return None
+  path = os.path.join(workdir, "probe_vs_loss.png")
+  plot_probe_vs_loss(path, rows)
+  return path

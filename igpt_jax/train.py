@@ -51,6 +51,7 @@ from igpt_jax import data as data_lib
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import probe as probe_lib
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import steps as steps_lib
@@ -237,9 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return {ckpt_lib.BEST_METRIC: held_out_accuracy(cfg, params, eval_iters(), mesh,
                                                       config.k_masks, config.seed + 1)}
 
+    probe = None if finetuning else probe_lib.make_evaluator(config, cfg, palette, mesh)
     evaluators = [Evaluator(config.eval_every, eval_loss),
                   *([Evaluator(config.eval_every, eval_accuracy)] if finetuning else []),
-                  *evaluators]
+                  *([Evaluator(config.probe_every, probe)] if probe else []), *evaluators]
 
     def due_at(every: int, step: int) -> bool:
       return step == config.total_steps or (every > 0 and step % every == 0)
@@ -328,6 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
+  if probe and jax.process_index() == 0:
+    probe_lib.write_probe_vs_loss(workdir)
   if finetuning:
     last = {**last, "best_step": loop["best_step"],
             "best_eval_accuracy": loop["best_eval_accuracy"]}

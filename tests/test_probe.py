@@ -1,8 +1,11 @@
 """Probe: pmapped extraction, the L-BFGS logistic regression against scikit-learn, the tables."""
 
 import json
+import os
 
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -173,3 +176,68 @@ def test_run_start_up_errors(run_dir):
   config.data.name = str(run_dir / "unlabelled.npz")
   with pytest.raises(ValueError, match="unlabelled"):
     probe.run(config, workdir)
+
+
+# -- the evaluator inside training -------------------------------------------------------------
+
+def _evaluator_config(root, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      data=dict(name=str(root / "tiny.npz"), train_split="train[:48]", eval_split="train[32:]"),
+      batch_size=8, probe_every=10, probe_train_split="train[:32]",
+      probe_eval_split="train[32:]", probe_layers=(), probe_reading="ln1",
+      probe_l2s=(1e-2, 1e-1)))
+  config.update(overrides)
+  return config
+
+
+def test_spread_layers_include_the_middle_and_the_top():
+  assert probe.spread_layers(3) == (1, 2, 3)
+  assert probe.spread_layers(24) == (6, 12, 18, 24)
+  assert probe.spread_layers(2) == (0, 1, 2)
+
+
+def test_evaluator_on_a_sharded_mesh_equals_the_offline_probe(run_dir, params):
+  from igpt_jax import data as data_lib
+  from igpt_jax import sharding as sharding_lib
+  config = _evaluator_config(run_dir)
+  assert probe.make_evaluator(_evaluator_config(run_dir, probe_every=0), CFG, None, None) is None
+  palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  mesh = sharding_lib.make_mesh((2, 2, 2))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
+    sharded = jax.device_put(params, sharding_lib.param_shardings(CFG, mesh))
+    evaluate = probe.make_evaluator(config, CFG, palette, mesh)
+    got = evaluate(sharded, 10)
+  layers = probe.spread_layers(CFG.n_layer)
+  assert got["probe_layer"] in layers and 0 < got["probe_seconds"]
+  assert 0 < got["probe_time_fraction"] <= 1
+  assert got["probe_accuracy"] == max(got[f"probe_accuracy_layer{l:02d}"] for l in layers)
+
+  def split(name):  # the same images through the offline path: pmapped extraction on 1 device
+    rows = list(data_lib.make_dataset(config.data, split=name, batch_size=8, palette=palette,
+                                      n_px=CFG.n_px, train=False))
+    valid = np.concatenate([r["valid"] for r in rows])
+    tokens = np.concatenate([r["tokens"] for r in rows])[valid]
+    feats = probe.extract_features(CFG, params, tokens, layers, 8,
+                                   devices=jax.local_devices()[:1])
+    return feats, np.concatenate([r["labels"] for r in rows])[valid]
+
+  (train_x, train_y), (test_x, test_y) = split("train[:32]"), split("train[32:]")
+  assert len(test_y) == 16
+  for l in layers:
+    want = probe.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=config.probe_l2s)
+    assert abs(got[f"probe_accuracy_layer{l:02d}"] - want["accuracy"]) <= 1 / 16
+
+
+def test_probe_vs_loss_plot_from_the_metrics(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 3.0}) + "\n")
+  assert probe.write_probe_vs_loss(str(tmp_path)) is None  # no probe rows yet
+  rows = [{"step": s, "eval_loss": 3.0 - s / 100, "probe_accuracy": .2 + s / 1000,
+           "probe_layer": 2, "probe_accuracy_layer01": .2, "probe_accuracy_layer02": .2 + s / 1000}
+          for s in (10, 20, 30)]
+  rows.append({"step": 30, "train_loss": 2.5})  # a resumed run re-logs a step: the last wins
+  rows.append({**rows[0], "step": 40, "eval_loss": 2.5})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  assert [r["step"] for r in probe._probe_rows(str(tmp_path))] == [10, 20, 40]
+  path = probe.write_probe_vs_loss(str(tmp_path))
+  assert path == str(tmp_path / "probe_vs_loss.png") and os.path.getsize(path) > 1000

@@ -221,7 +221,9 @@ def interrupt(proc, workdir, sig, after_step):
 @pytest.fixture(scope="module")
 def uninterrupted(files, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  proc = launch(files, workdir)
+  # The probe evaluator rides along: the resume tests then also show it leaves training alone.
+  proc = launch(files, workdir, probe_every=30, probe_train_split="train[:48]",
+                probe_eval_split="train[48:]")
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   return workdir
@@ -234,7 +236,10 @@ def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
   assert all(math.isfinite(r["train_loss"]) for r in metrics.values())
   assert "eval_loss" in metrics[30] and "eval_loss" in metrics[STEPS]
   assert metrics[STEPS]["train_loss"] < math.log(16) - 0.5
+  assert [s for s, r in metrics.items() if "probe_accuracy" in r] == [30, STEPS]
+  assert all(0 <= metrics[s]["probe_accuracy"] <= 1 for s in (30, STEPS))
   files = os.listdir(uninterrupted)
+  assert "probe_vs_loss.png" in files
   assert any(f.startswith("events.out.tfevents") for f in files)
   assert f"samples_{STEPS:07d}.png" in files
   cfg, params, palette = checkpoint.load(str(uninterrupted))
