@@ -520,9 +520,10 @@ def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable
 
   config (the training config; fields in experiments/base.py): probe_every,
   probe_train_split / probe_eval_split (splits of config.data: a small labelled subset, read
-  once here), probe_layers (empty: `spread_layers`), probe_reading, probe_l2s. Returns fn(params, step) -> scalars: `probe_accuracy` (held-out,
-  best layer), `probe_layer`, `probe_accuracy_layerNN` per layer, `probe_seconds`, and
-  `probe_time_fraction` (of the wall time since the previous call, this one included). Call it
+  once here), probe_layers (empty: `spread_layers`), probe_reading, probe_l2s. Returns
+  fn(params, step) -> scalars: `probe_accuracy` (held-out, best layer), `probe_layer`,
+  `probe_accuracy_layerNN` per layer, `probe_seconds`, and `probe_time_fraction` (of the wall
+  time since the previous call, this one included). Call it
   under the training mesh: every process extracts its rows of each batch with the params where
   they lie, the features are gathered, and every process fits the same probes (process 0 logs).
   """
