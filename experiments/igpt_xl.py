@@ -1,9 +1,10 @@
 """iGPT-XL (60 layers, D 3072, 6.8B parameters) on ImageNet 64x64: batch 64, 2M steps.
 
-Mesh: 64 chips, all fsdp (one 64x64 image per chip), with full remat. The TPU compiler
-(`python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4`) puts 8.55 GiB
-on each v5p chip (1.19 GiB state, 7.36 GiB temporaries). More chips: add a tensor axis, e.g.
-(1, 64, 2) on 128 (the batch of 64 cannot split further).
+Mesh: 64 chips, all fsdp (one 64x64 image per chip: the state is split 64 ways and each chip
+keeps one image's activations), with full remat. Check a slice before renting it:
+`python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4` (the README's plan
+table). More chips: add a tensor axis, e.g. (1, 64, 2) on 128 (the batch of 64 cannot split
+further).
 """
 
 from experiments import imagenet_pretrain
