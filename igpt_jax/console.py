@@ -6,21 +6,24 @@
   first_call(fn, desc)             fn whose first call, the one jax compiles, shows a status
 
 On a terminal a bar is one line updated in place; elsewhere (a log file, CI) it is a plain line
-at the start, at most every 30 s, and at the end. Only process 0 of a multi-process job draws them. TQDM_DISABLE=1
-turns them off.
+at the start, at most every 30 s, and at the end. Only process 0 of a multi-process job draws
+them. TQDM_DISABLE=1 turns them off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import os
+import pkgutil
 import sys
 import threading
 from typing import Callable, Iterable
 
 from absl import logging as absl_logging
+import jax
 import tqdm
 
 # Source directories whose INFO lines are ours (a checkout also has launch/ and bench/).
@@ -36,13 +39,25 @@ def _has_tpu_chips() -> bool:
   return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
+def _has_accelerator_plugin() -> bool:
+  """Whether a PJRT plugin (CUDA, ROCm, ...) is installed; libtpu is not loaded as one."""
+  try:
+    import jax_plugins  # pylint: disable=import-outside-toplevel
+    if any(pkgutil.iter_modules(jax_plugins.__path__)):
+      return True
+  except ImportError:
+    pass
+  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
 class _ConsoleFilter(logging.Filter):
   """Passes warnings, errors and our own INFO lines; drops other libraries' INFO chatter.
 
   Dropped that way: orbax's line for every save and restore, matplotlib's font cache notice,
-  orbax's warning that a read-only checkpoint manager is read-only (that exact record), and jax's "Unable to initialize backend 'tpu'" on a host without TPU chips (libtpu is
-  installed for ahead-of-time TPU compiles; jax tries it first and falls back to the CPU). On a
-  host that has TPU chips that failure means the run is not on them: it is shown as a warning.
+  orbax's warning that a read-only checkpoint manager is read-only (that exact record), and
+  jax's "Unable to initialize backend 'tpu'" on a host without TPU chips (libtpu is installed
+  for ahead-of-time TPU compiles; jax tries it first and falls back to the CPU). On a host that
+  has TPU chips that failure means the run is not on them: it is shown as a warning.
   """
 
   def filter(self, record):
@@ -69,6 +84,12 @@ def setup() -> None:
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  if (os.environ.get("JAX_PLATFORMS") is None and not _has_tpu_chips()
+      and not _has_accelerator_plugin()):
+    # Only the CPU is there to use. Naming it keeps libtpu (installed for ahead-of-time plans)
+    # from initialising on a host without TPU chips: it would print its own start-up errors to
+    # stderr, past any logging filter, and hold /tmp/libtpu_lockfile while the run lasts.
+    jax.config.update("jax_platforms", "cpu")
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
 
 

@@ -66,7 +66,8 @@ def test_progress_off_a_terminal_prints_plain_lines(capsys):
 # What the issue saw on every console (TensorFlow's oneDNN and CPU-feature banners, jax trying
 # the TPU backend, orbax warning on the probe's read-only open) and kin.
 BANNED = ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "Unable to initialize backend",
-          "Given directory is read only", "fontManager")
+          "Given directory is read only", "fontManager",
+          "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu")  # libtpu's own start-up
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
 OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).glob("*.py")}
 
