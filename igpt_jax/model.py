@@ -198,6 +198,38 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+@jax.custom_vjp
+def mlp(x, w_fc, w_proj):
+  """quick_gelu(x @ w_fc) @ w_proj: x [B, S, D], w_fc [D, F], w_proj [F, D] -> [B, S, D].
+
+  Autodiff's backward is mathematically this one, but XLA CPU lays its weight gradients out as
+  dW^T = g^T x and so transposes the wide [B*S, F] activation twice per step, which cost a third
+  of the MLP's time at D = 256. Here each weight gradient contracts the tokens of the narrow
+  [B, S, D] operand's transpose instead, and the backward keeps only the pre-activation.
+  """
+  return _mlp_fwd(x, w_fc, w_proj)[0]
+
+
+def _mlp_fwd(x, w_fc, w_proj):
+  u = nn.with_logical_constraint(x @ w_fc, ("batch", "length", "mlp"))  # [B, S, F]
+  return quick_gelu(u) @ w_proj, (x, u, w_fc, w_proj)
+
+
+def _mlp_bwd(res, dy):  # dy [B, S, D]
+  x, u, w_fc, w_proj = res
+  u32 = u.astype(jnp.float32)
+  s = jax.nn.sigmoid(1.702 * u32)
+  h = (u32 * s).astype(u.dtype)
+  dh = (dy @ w_proj.T).astype(jnp.float32)
+  du = (dh * s * (1 + 1.702 * u32 * (1 - s))).astype(u.dtype)  # quick_gelu'(u) = s + 1.702 u s(1-s)
+  dw_proj = jnp.einsum("bsd,bsf->df", dy, h).T
+  dw_fc = jnp.einsum("bsd,bsf->df", x, du)
+  return (du @ w_fc.T).astype(x.dtype), dw_fc.astype(w_fc.dtype), dw_proj.astype(w_proj.dtype)
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
 def _partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
@@ -295,9 +327,7 @@ class Block(nn.Module):
                       (d, 4 * d), pdtype)
     w_proj = self.param("c_proj", _partitioned(nn.initializers.normal(0.02), ("mlp", "embed")),
                         (4 * d, d), pdtype)
-    h = quick_gelu(h @ w_fc.astype(dtype))
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    x = x + (h @ w_proj.astype(dtype)).astype(x.dtype)
+    x = x + mlp(h, w_fc.astype(dtype), w_proj.astype(dtype)).astype(x.dtype)
     return x, taps
 
 

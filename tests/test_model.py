@@ -131,6 +131,22 @@ def test_options_do_not_change_the_function():
   np.testing.assert_allclose(bf16, ref, atol=0.1)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_mlp_backward_is_the_autodiff_one(dtype, tol):
+  kx, k1, k2, kg = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(kx, (2, 5, 8), dtype)
+  w_fc = (jax.random.normal(k1, (8, 32)) * 0.3).astype(dtype)
+  w_proj = (jax.random.normal(k2, (32, 8)) * 0.3).astype(dtype)
+  dy = jax.random.normal(kg, (2, 5, 8), dtype)
+  plain = lambda x, a, b: M.quick_gelu(x @ a) @ b
+  out, vjp = jax.vjp(M.mlp, x, w_fc, w_proj)
+  ref_out, ref_vjp = jax.vjp(plain, x, w_fc, w_proj)
+  np.testing.assert_array_equal(out, ref_out)
+  for got, want in zip(vjp(dy), ref_vjp(dy)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+
+
 def test_feature_taps():
   cfg = TINY
   params = randomized_params(cfg)
