@@ -5,9 +5,9 @@ its backward reads them back: the step is bound by memory traffic, and half of t
 masked upper triangle. Here the queries are cut into blocks of `block` rows; query block i only
 meets keys [0, (i + 1) * block), so the upper triangle is never computed, neither forward nor
 backward (every block has static shapes: the skipped part simply does not exist). The backward is
-written out (flash attention's, from the saved exponentials and row sums), which forms fewer
-[block, keys] tensors than autodiff of the softmax, and the heads run one at a time so those
-tiles stay in cache. (With heads split over a `tensor` mesh axis that loop gathers them: the
+written out (flash attention's: it recomputes the probabilities from the saved log-sum-exp, one
+key block against the queries that see it), which forms fewer tiles than autodiff of the softmax
+and stores none between the passes, and the heads run one at a time so the tiles stay in cache. (With heads split over a `tensor` mesh axis that loop gathers them: the
 blocked kernel is for CPUs, where meshes split the batch.)
 
 On TPUs the same problem has a fused answer: Pallas' splash attention (flash attention with a
@@ -69,26 +69,35 @@ def _query_blocks(t: int, block: int, causal: bool):
     yield start, end, (end if causal else t)
 
 
-def _blocked_fwd(q, k, v, causal, block):
-  """q/k/v [N, T, K] (q pre-scaled) -> (out [N, T, K], per-block (e, l) for the backward).
+def _key_blocks(t: int, block: int, causal: bool):
+  """(start, end, first) per key block: keys [start, end) are seen by queries [first, t)."""
+  for start in range(0, t, block):
+    yield start, min(start + block, t), (start if causal else 0)
 
-  e = exp(s - rowmax) [N, q, stop] and l = its row sums [N, q, 1], float32. The output is
-  divided by l after the value matmul ([q, K], not the [q, stop] probabilities).
+
+def _blocked_fwd(q, k, v, causal, block):
+  """q/k/v [N, T, K] (q pre-scaled) -> (out [N, T, K], residuals with lse [N, T] float32).
+
+  Per query block: e = exp(s - rowmax) [N, q, stop], and the output is divided by its row sums
+  after the value matmul ([q, K], not the [q, stop] probabilities). Only the log-sum-exp is kept
+  for the backward, which recomputes the probabilities (flash attention's trade: one more
+  q k^T matmul instead of storing [T, T / 2] per head and reading it back).
   """
-  outs, saved = [], []
+  outs, lses = [], []
   for start, end, stop in _query_blocks(q.shape[1], block, causal):
     s = jnp.einsum("nqk,nsk->nqs", q[:, start:end], k[:, :stop],
                    preferred_element_type=jnp.float32)  # [N, end - start, stop]
     if causal:  # only the last key tile crosses the diagonal, but one select is one pass
       s = jnp.where(jnp.tril(jnp.ones((end - start, stop), bool), k=start), s, -jnp.inf)
-    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))  # masked entries: exactly 0
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)  # masked entries: exactly 0
     l = jnp.sum(e, axis=-1, keepdims=True)
     o = jnp.einsum("nqs,nsk->nqk", e.astype(v.dtype), v[:, :stop],
                    preferred_element_type=jnp.float32) / l
     outs.append(o.astype(q.dtype))
-    saved.append((e, l))
+    lses.append((m + jnp.log(l))[..., 0])
   out = jnp.concatenate(outs, axis=1)
-  return out, (q, k, v, out, saved)
+  return out, (q, k, v, out, jnp.concatenate(lses, axis=1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -97,22 +106,35 @@ def _blocked_core(q, k, v, causal, block):
 
 
 def _blocked_bwd(causal, block, res, dout):
-  """Flash attention's backward per query block: with p = e / l and delta = rowsum(dout * out),
-  ds = p * (dp - delta); no [q, stop] tensor but e, dp and ds is ever formed."""
-  q, k, v, out, saved = res
+  """Flash attention's backward, one key block at a time, on transposed [keys, queries] tiles.
+
+  With p = exp(s - lse) and delta = rowsum(dout * out): dv = p^T dout, ds = p * (dp - delta),
+  dk = ds^T q, dq = ds k. Holding p^T and ds^T (keys on rows) makes dv and dk plain matmuls
+  and dq^T = k^T ds^T one too: XLA CPU runs a matmul that contracts the rows of a large tile
+  several times slower, and transposing the tile costs more still. A key block's dk and dv are
+  complete after its one tile; only dq^T [N, K, T] accumulates.
+  """
+  q, k, v, out, lse = res
   f32 = jnp.float32
-  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # [N, T, 1]
-  dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-  for (start, end, stop), (e, l) in zip(_query_blocks(q.shape[1], block, causal), saved):
-    do = dout[:, start:end]
-    dp = jnp.einsum("nqk,nsk->nqs", do, v[:, :stop], preferred_element_type=f32)
-    ds = (e * (dp - delta[:, start:end]) / l).astype(q.dtype)  # [N, q, stop]
-    dv = dv.at[:, :stop].add(jnp.einsum("nqs,nqk->nsk", e.astype(v.dtype),
-                                        (do / l).astype(v.dtype), preferred_element_type=f32))
-    dk = dk.at[:, :stop].add(jnp.einsum("nqs,nqk->nsk", ds, q[:, start:end],
-                                        preferred_element_type=f32))
-    dq.append(jnp.einsum("nqs,nsk->nqk", ds, k[:, :stop], preferred_element_type=f32))
-  return (jnp.concatenate(dq, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+  n, t, hd = q.shape
+  delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # [N, T]
+  dq_t, dk, dv = jnp.zeros((n, hd, t), f32), [], []
+  for start, end, first in _key_blocks(t, block, causal):
+    q_seen, do_seen = q[:, first:], dout[:, first:]  # the queries these keys meet
+    s_t = jnp.einsum("nsk,nqk->nsq", k[:, start:end], q_seen,
+                     preferred_element_type=f32)  # [N, end - start, t - first]
+    if causal:  # key start + i is seen by query first + j = start + j iff i <= j
+      s_t = jnp.where(jnp.triu(jnp.ones((end - start, t - first), bool)), s_t, -jnp.inf)
+    p_t = jnp.exp(s_t - lse[:, None, first:])
+    dp_t = jnp.einsum("nsk,nqk->nsq", v[:, start:end], do_seen, preferred_element_type=f32)
+    ds_t = (p_t * (dp_t - delta[:, None, first:])).astype(q.dtype)
+    dv.append(jnp.einsum("nsq,nqk->nsk", p_t.astype(v.dtype), do_seen,
+                         preferred_element_type=f32))
+    dk.append(jnp.einsum("nsq,nqk->nsk", ds_t, q_seen, preferred_element_type=f32))
+    dq_t = dq_t.at[:, :, first:].add(jnp.einsum("nsk,nsq->nkq", k[:, start:end], ds_t,
+                                                preferred_element_type=f32))
+  cat = lambda parts, like: jnp.concatenate(parts, axis=1).astype(like.dtype)
+  return jnp.swapaxes(dq_t, 1, 2).astype(q.dtype), cat(dk, k), cat(dv, v)
 
 
 _blocked_core.defvjp(lambda q, k, v, causal, block: _blocked_fwd(q, k, v, causal, block),
