@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe_train_split = ""  # labelled images of config.data the probe fits on (a small subset)
   c.probe_eval_split = ""  # labelled held-out images it is scored on
   c.probe_layers = ()  # empty: a quarter, half, three quarters and all of the depth
-  c.probe_reading = "ln1"  # "ln1" (the paper's) or "residual"
+  c.probe_reading = "ln1"  # "ln1" (the paper's), "residual", or either + "_2x2" (quadrant means)
   c.probe_l2s = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 grid, chosen on a tenth of the fit images
 
   # Fine-tuning: set init_workdir to train a classifier on a pretrained run.

@@ -39,4 +39,5 @@ def get_config():
   c.probe_every = 175
   c.probe_train_split = "train[:2000]"
   c.probe_eval_split = "train[40000:42000]"
+  c.probe_reading = "ln1_2x2"  # as experiments/probe_cifar10_tiny.py reads
   return c

@@ -18,12 +18,15 @@ def get_config():
   c.data = dict(name=base.cifar10(), train_split="train[:5000]", eval_split="train[40000:]")
   c.model = {}  # empty: whatever the checkpoint holds; else fields it must match
   c.layers = ()  # empty: all, 0..n_layer
-  c.reading = "ln1"
+  # The ln_1 output averaged over each quadrant of the 8x8 image ([4 D] per layer), not over the
+  # whole image: on the same demo checkpoint the best layer probed 43.35% against 39.91% with
+  # the paper's whole-image mean, raw pixels 36.99% (README, "Evaluation").
+  c.reading = "ln1_2x2"
   c.batch_size = 256
-  # Wide enough that every feature type (layers, random init, pixels) peaks inside the grid.
-  c.l2s = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  # Every feature type (layers, random init, pixels) peaked inside this grid on the demo.
+  c.l2s = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   c.val_fraction = 0.1
   c.concat_k = 3
-  c.low_data = dict(sizes=(40, 250, 4000), seeds=5, balanced=True)
+  c.low_data = dict(sizes=(40, 250, 4000), seeds=3, balanced=True)
   c.random_init_seed = 0
   return c

@@ -15,7 +15,7 @@ Configs: `IGPTConfig`, `preset(name, **overrides)`, `model_config(config.model)`
 
 Entry points (all through `IGPT(cfg).apply({"params": p}, ..., method=...)`):
   __call__(tokens[B, T], bert_mask=None) -> logits[B, T, V]
-  features(tokens, layers, reading)      -> {layer: [B, D]} mean-pooled taps (linear probes)
+  features(tokens, layers, reading)      -> {layer: [B, D] or [B, 4 D]} pooled taps (linear probes)
   classify(tokens, bert_mask=None)       -> (logits[B, T, V], class_logits[B, C])
   decode(ids[B, S], index)               -> logits[B, S, V], with mutable=["cache"]
 """
@@ -28,6 +28,7 @@ import math
 from typing import Iterable, Mapping
 
 import chex
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,9 @@ from igpt_jax import attention as attention_lib
 OBJECTIVES = ("ar", "bert")
 ATTENTIONS = attention_lib.IMPLEMENTATIONS
 REMATS = ("none", "full", "dots")
-READINGS = ("ln1", "residual")
+# Where a probe reads each block: after its ln_1 (the paper's) or before it, averaged over all
+# positions, or ("_2x2") over each quadrant of the image, the four [D] means concatenated.
+READINGS = ("ln1", "residual", "ln1_2x2", "residual_2x2")
 BERT_MASK_PROB = 0.15
 
 
@@ -308,6 +311,19 @@ class Attention(nn.Module):
     return jnp.einsum("bhst,bhtk->bshk", probs, cv.value)
 
 
+def pooled_taps(cfg: IGPTConfig, acts: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """{name: [B, S, D]} -> {reading: [B, D] (position mean) or [B, 4 D] (quadrant means)}.
+
+  Quadrants need the whole image (S = n_ctx) and an even n_px; a decode step gets means only.
+  """
+  taps = {name: jnp.mean(a, axis=1) for name, a in acts.items()}
+  if next(iter(acts.values())).shape[1] == cfg.n_ctx and cfg.n_px % 2 == 0:
+    for name, a in acts.items():
+      taps[name + "_2x2"] = einops.reduce(a, "b (gh h gw w) d -> b (gh gw d)", "mean", gh=2,
+                                          gw=2, h=cfg.n_px // 2)
+  return taps
+
+
 class Block(nn.Module):
   """Pre-norm block; also returns mean-pooled taps [B, D] (ln_1 output, residual input)."""
   cfg: IGPTConfig
@@ -319,7 +335,7 @@ class Block(nn.Module):
     d = cfg.n_embd
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_1")(x)
-    taps = {"ln1": jnp.mean(h.astype(jnp.float32), axis=1), "residual": jnp.mean(x, axis=1)}
+    taps = pooled_taps(cfg, {"ln1": h.astype(jnp.float32), "residual": x})
     x = x + Attention(cfg, name="attn")(h, decode_index=decode_index).astype(x.dtype)
 
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_2")(x)
@@ -428,21 +444,25 @@ class IGPT(nn.Module):
 
   def features(self, tokens, layers: Iterable[int] | None = None, reading: str = "ln1",
                bert_mask=None):
-    """Mean-pooled features for linear probes: {layer: [B, D] float32}.
+    """Pooled features for linear probes: {layer: [B, D] float32, or [B, 4 D] for "_2x2"}.
 
     Layer l in [0, n_layer) is block l's input, read after its ln_1 (`reading="ln1"`, the
-    paper's probe, gain included) or before it (`reading="residual"`); layer n_layer is the
-    ln_f output. With scan_layers all blocks run; otherwise only up to the deepest one asked.
+    paper's probe, gain included) or before it (`reading="residual"`), averaged over all
+    positions or, with the "_2x2" readings, over each image quadrant; layer n_layer is the ln_f
+    output. With scan_layers all blocks run; otherwise only up to the deepest one asked.
     """
     cfg = self.cfg
     layers = range(cfg.n_layer + 1) if layers is None else tuple(layers)
     check_layers(cfg, layers)
     if reading not in READINGS:
       raise ValueError(f"reading={reading!r}; expected one of {READINGS}")
+    if reading.endswith("_2x2") and cfg.n_px % 2:
+      raise ValueError(f"reading={reading!r} needs an even n_px, got {cfg.n_px}")
     h, taps = self._trunk(self._embed(tokens, bert_mask), depth=max(layers) + 1)
-    # ln_f alone (not the whole head): the output table's matmul is not a feature.
-    return {layer: (jnp.mean(self.ln_f(h).astype(jnp.float32), axis=1) if layer == cfg.n_layer
-                    else taps[reading][layer]) for layer in layers}
+    if cfg.n_layer in layers:  # ln_f alone (not the head: the output table is not a feature)
+      top = self.ln_f(h).astype(jnp.float32)
+      top = pooled_taps(cfg, {"ln1": top, "residual": top})[reading]
+    return {layer: top if layer == cfg.n_layer else taps[reading][layer] for layer in layers}
 
   def decode(self, ids, index):
     """Incremental AR forward over positions [index, index + S) with a KV cache.

@@ -165,6 +165,31 @@ def test_feature_taps():
     model.apply({"params": params}, tokens, [3], method=M.IGPT.features)
 
 
+def test_quadrant_readings():
+  cfg = TINY  # 4x4: quadrant (i, j) holds pixels of rows 2i, 2i+1 and columns 2j, 2j+1
+  params = randomized_params(cfg)
+  tokens = tokens_for(cfg)
+  model = M.IGPT(cfg)
+  x = model.apply({"params": params}, tokens, None, method=lambda m, t, b: m._embed(t, b))
+  grid = model.apply({"params": params}, tokens, [0, 2], "residual_2x2", method=M.IGPT.features)
+  assert grid[0].shape == grid[2].shape == (2, 4 * cfg.n_embd)
+  image = np.asarray(x).reshape(2, 4, 4, cfg.n_embd)
+  for q, (i, j) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+    np.testing.assert_allclose(grid[0][:, q * cfg.n_embd:(q + 1) * cfg.n_embd],
+                               image[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2)),
+                               atol=1e-6)
+  # The four quadrant means average to the position mean, at every layer including ln_f's.
+  means = model.apply({"params": params}, tokens, [1, 2], "ln1", method=M.IGPT.features)
+  quads = model.apply({"params": params}, tokens, [1, 2], "ln1_2x2", method=M.IGPT.features)
+  for layer in (1, 2):
+    np.testing.assert_allclose(quads[layer].reshape(2, 4, -1).mean(axis=1), means[layer],
+                               atol=1e-5)
+  odd = cfg.replace(n_px=3)
+  with pytest.raises(ValueError, match="even n_px"):
+    M.IGPT(odd).apply({"params": M.init_params(odd, jax.random.key(0))}, tokens_for(odd), None,
+                      "ln1_2x2", method=M.IGPT.features)
+
+
 def test_classifier_head():
   cfg = TINY.replace(n_classes=10)
   params = M.init_params(cfg, jax.random.key(0))

@@ -162,7 +162,7 @@ def test_run_writes_results_plot_and_baselines(run_dir):
   assert (saved["n_train"], saved["n_test"]) == (32, 16)
   assert (out / "accuracy_by_layer.png").stat().st_size > 1000
   feats = np.load(out / "features" / "test_layer01.npy")
-  assert feats.shape == (16, CFG.n_embd)
+  assert feats.shape == (16, 4 * CFG.n_embd)  # the demo config reads quadrant means
   assert np.load(out / "features" / "train_pixels_histogram.npy").shape == (32, CFG.vocab_size)
 
 
