@@ -86,6 +86,16 @@ def test_linear_probe_agrees_with_sklearn():
   assert ours["l2"] == l2 and ours["iterations"] > 1
 
 
+def test_warm_start_reaches_the_same_optimum_in_fewer_iterations():
+  x, y = _blobs(200, 4)
+  x = (x - x.mean(0)) / x.std(0)
+  near, _ = probe.fit_logistic(x, y, 1e-1, 3, tol=1e-7)
+  cold, cold_it = probe.fit_logistic(x, y, 1e-2, 3, tol=1e-7)
+  warm, warm_it = probe.fit_logistic(x, y, 1e-2, 3, tol=1e-7, init=near)
+  np.testing.assert_allclose(warm["w"], cold["w"], atol=1e-4)
+  assert 0 < warm_it < cold_it
+
+
 def test_linear_probe_sweep_picks_from_validation():
   train_x, train_y = _blobs(200, 2)
   test_x, test_y = _blobs(100, 3)
