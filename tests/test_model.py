@@ -184,6 +184,13 @@ def test_quadrant_readings():
   for layer in (1, 2):
     np.testing.assert_allclose(quads[layer].reshape(2, 4, -1).mean(axis=1), means[layer],
                                atol=1e-5)
+  scanned = cfg.replace(scan_layers=True)
+  stacked = {k: v for k, v in params.items() if not k.startswith("h_")}
+  stacked["h"] = jax.tree.map(lambda *x: jnp.stack(x), params["h_0"], params["h_1"])
+  scan_quads = M.IGPT(scanned).apply({"params": stacked}, tokens, [1, 2], "ln1_2x2",
+                                     method=M.IGPT.features)
+  for layer in (1, 2):
+    np.testing.assert_allclose(scan_quads[layer], quads[layer], atol=1e-5)
   odd = cfg.replace(n_px=3)
   with pytest.raises(ValueError, match="even n_px"):
     M.IGPT(odd).apply({"params": M.init_params(odd, jax.random.key(0))}, tokens_for(odd), None,
