@@ -35,8 +35,8 @@ def get_config():
   c.keep_checkpoints = 2
   c.sample_every = 700
 
-  # The probe at every other eval step (each costs about 25 s of quadrant fits, a fifth of the
-  # time between them at this size), on a small labelled subset.
+  # The probe at every other eval step (about 25 s each, 13% of the wall time on the demo), on
+  # a small labelled subset.
   c.probe_every = 350
   c.probe_train_split = "train[:2000]"
   c.probe_eval_split = "train[40000:42000]"

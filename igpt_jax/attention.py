@@ -7,8 +7,9 @@ meets keys [0, (i + 1) * block), so the upper triangle is never computed, neithe
 backward (every block has static shapes: the skipped part simply does not exist). The backward is
 written out (flash attention's: it recomputes the probabilities from the saved log-sum-exp, one
 key block against the queries that see it), which forms fewer tiles than autodiff of the softmax
-and stores none between the passes, and the heads run one at a time so the tiles stay in cache. (With heads split over a `tensor` mesh axis that loop gathers them: the
-blocked kernel is for CPUs, where meshes split the batch.)
+and stores none between the passes, and the heads run one at a time so the tiles stay in cache.
+(With heads split over a `tensor` mesh axis that loop gathers them: the blocked kernel is for
+CPUs, where meshes split the batch.)
 
 On TPUs the same problem has a fused answer: Pallas' splash attention (flash attention with a
 block-sparse mask: causal tiles above the diagonal are skipped) never writes the [T, T] scores to

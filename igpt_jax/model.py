@@ -224,7 +224,7 @@ def _mlp_bwd(res, dy):  # dy [B, S, D]
   s = jax.nn.sigmoid(1.702 * u32)
   h = (u32 * s).astype(u.dtype)
   dh = (dy @ w_proj.T).astype(jnp.float32)
-  du = (dh * s * (1 + 1.702 * u32 * (1 - s))).astype(u.dtype)  # quick_gelu'(u) = s + 1.702 u s(1-s)
+  du = (dh * s * (1 + 1.702 * u32 * (1 - s))).astype(u.dtype)  # quick_gelu' = s + 1.702 u s(1-s)
   dw_proj = jnp.einsum("bsd,bsf->df", dy, h).T
   dw_fc = jnp.einsum("bsd,bsf->df", x, du)
   return (du @ w_fc.T).astype(x.dtype), dw_fc.astype(w_fc.dtype), dw_proj.astype(w_proj.dtype)
@@ -325,7 +325,7 @@ def pooled_taps(cfg: IGPTConfig, acts: Mapping[str, jax.Array]) -> dict[str, jax
 
 
 class Block(nn.Module):
-  """Pre-norm block; also returns mean-pooled taps [B, D] (ln_1 output, residual input)."""
+  """Pre-norm block; also returns its pooled taps (ln_1 output, residual input; `pooled_taps`)."""
   cfg: IGPTConfig
 
   @nn.compact
