@@ -20,6 +20,7 @@ import numpy as np
 
 from bench import common
 from experiments import base
+from igpt_jax import console
 from igpt_jax import data
 
 flags.DEFINE_string("data", base.LOCAL_CIFAR10, "dataset name or local path")
@@ -57,6 +58,7 @@ def consumer_rate() -> float | None:
 
 
 def main(_):
+  console.setup()  # as the launch scripts: keeps libtpu from starting on a CPU host
   # Any 512 centres cost the same to search; quantization time does not depend on their values.
   palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
   load_before = common.load()

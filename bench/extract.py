@@ -17,6 +17,7 @@ import jax
 
 from bench import common
 from bench import train_step
+from igpt_jax import console
 from igpt_jax import probe
 from igpt_jax.model import IGPTConfig, init_params
 
@@ -38,6 +39,7 @@ def time_extract(cfg, batch, images):
 
 
 def main(_):
+  console.setup()  # as the launch scripts: keeps libtpu from starting on a CPU host
   cfg = IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
                    n_head=FLAGS.n_head, dtype=FLAGS.dtype, attention=FLAGS.attention,
                    scan_layers=FLAGS.scan)

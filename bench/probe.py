@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from bench import common
+from igpt_jax import console
 from igpt_jax import probe
 
 flags.DEFINE_string("workdir", None, "a run probed by launch.probe (reads W/probe/features)")
@@ -57,6 +58,7 @@ def synthetic_features(n: int, dim: int, classes: int):
 
 
 def main(_):
+  console.setup()  # as the launch scripts: keeps libtpu from starting on a CPU host
   load_before = common.load()
   if FLAGS.workdir:
     train_x, train_y, test_x, test_y, layer, l2 = run_features(FLAGS.workdir, FLAGS.layer)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from bench import common
+from igpt_jax import console
 from igpt_jax import model as model_lib
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
@@ -85,6 +86,7 @@ def time_peer(cfg, batch, repeats):
 
 def main(argv):
   del argv
+  console.setup()  # as the launch scripts: keeps libtpu from starting on a CPU host
   if FLAGS.device_per_core:
     sharding.use_one_cpu_device_per_core()
   if FLAGS.device_report:

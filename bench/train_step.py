@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 
 from bench import common
+from igpt_jax import console
 from igpt_jax import sharding
 from igpt_jax import steps as steps_lib
 from igpt_jax.model import IGPTConfig
@@ -88,6 +89,7 @@ def time_peer(cfg, batch, steps):
 
 
 def main(_):
+  console.setup()  # as the launch scripts: keeps libtpu from starting on a CPU host
   if FLAGS.device_per_core:
     sharding.use_one_cpu_device_per_core(FLAGS.batch)
   cfg = IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
