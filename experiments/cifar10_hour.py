@@ -15,8 +15,8 @@ from experiments import cifar10_tiny
 def get_config():
   c = cifar10_tiny.get_config()
   # 16x16 rather than the demo's 8x8: three 8x8 models (8 x 256 for an hour, 16 x 128 for 31
-  # minutes, 6 x 192 for 16) probed 43.2 - 44.8% at their best layer, none peaking mid-depth; this
-  # one probes 48.66% (10,000 held-out images).
+  # minutes, 6 x 192 for 16) probed 43.2 - 44.8% at their best layer, none peaking mid-depth;
+  # this one probes 48.66% (10,000 held-out images).
   # 1.35M parameters, about 0.46 steps/s of batch 64 (7,500 tokens/s) on the 2 cores.
   c.model = dict(n_px=16, n_layer=6, n_embd=128, n_head=4, attention="auto")
   # 96,000 images, 2.4 passes over train[:40000].
@@ -27,7 +27,7 @@ def get_config():
   c.checkpoint_every = 375
   c.sample_every = 1500
 
-  # At every eval step, so probe_vs_loss.png has 4 points; about 65 s each at 16x16.
+  # At every eval step, so probe_vs_loss.png has 4 points; 49 - 56 s each at 16x16.
   c.probe_every = 375
   c.probe_layers = (2, 3, 4, 5, 6)
   return c

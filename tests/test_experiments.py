@@ -9,7 +9,8 @@ from experiments import base
 from experiments import probe_cifar10_tiny
 from igpt_jax import model as model_lib
 
-EXPERIMENTS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "experiments").glob("*.py")
+EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")
                      # base and imagenet_pretrain are the shared settings the others build on
                      if p.stem not in ("__init__", "base", "imagenet_pretrain"))
 
