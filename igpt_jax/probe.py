@@ -249,6 +249,12 @@ def _accuracy(params, x, y) -> float:
   return float(np.mean(np.argmax(x @ np.asarray(params["w"]) + np.asarray(params["b"]), -1) == y))
 
 
+def _cross_entropy(params, x, y) -> float:
+  logits = x @ np.asarray(params["w"]) + np.asarray(params["b"])
+  logits = logits - logits.max(-1, keepdims=True)
+  return float(np.mean(np.log(np.exp(logits).sum(-1)) - logits[np.arange(len(y)), y]))
+
+
 def fit_logistic(x, y, l2: float, n_classes: int, *, max_iter: int = 1000, tol: float = 1e-5,
                  init=None):
   """Fits on already standardised x [N, F]; -> (params {"w", "b"} as np arrays, iterations).
@@ -276,10 +282,16 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
                  on_fit: Callable[[], object] | None = None) -> dict:
   """Logistic-regression probe: L2 chosen on a held-out `val_fraction` of train, then refit.
 
+  The L2 is the one of least validation cross-entropy. Validation accuracy on a few hundred
+  images is too coarse to rank neighbouring penalties: on the README demo's 10 probes, picking
+  by it lost 0.58 points of test accuracy on average against the best L2 of the grid in
+  hindsight (at most 1.87), by cross-entropy 0.43 (half-decade grid: 0.36, at most 1.12).
+
   train_x [N, F], train_y [N] int, test_x [M, F], test_y [M]. Features are standardised with
   the statistics of the rows each fit trains on. on_fit() is called after each L-BFGS fit
-  (`fits_per_probe(l2s)` of them: a progress bar's update). Returns {"accuracy" (test top-1, 0..1), "l2",
-  "val_accuracy" {l2: acc}, "train_accuracy", "iterations"}.
+  (`fits_per_probe(l2s)` of them: a progress bar's update). Returns {"accuracy" (test top-1,
+  0..1), "l2", "val_loss" {l2: mean CE}, "val_accuracy" {l2: acc}, "train_accuracy",
+  "iterations"}.
   """
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
   train_y, test_y = np.asarray(train_y, np.int32), np.asarray(test_y, np.int32)
@@ -296,7 +308,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
   # The sweep runs from the strongest penalty down, each fit starting at the previous solution
   # (a regularisation path; on the demo's features about 8% fewer iterations than from zero);
   # the refit starts at the chosen l2's solution.
-  val_acc, solutions = {}, {}
+  val_loss, val_acc, solutions = {}, {}, {}
   if len(l2s) > 1:
     order = np.random.default_rng(seed).permutation(len(train_x))
     n_val = max(1, int(round(val_fraction * len(train_x))))
@@ -306,18 +318,19 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
     for l2 in sorted(l2s, reverse=True):
       init, _ = fit_logistic(fx, train_y[fit], l2, n_classes, max_iter=max_iter, tol=tol,
                              init=init)
+      val_loss[l2] = _cross_entropy(init, vx, train_y[val])
       val_acc[l2], solutions[l2] = _accuracy(init, vx, train_y[val]), init
       if on_fit is not None:
         on_fit()
-  best = max(l2s, key=lambda l: (val_acc.get(l, 0.0), l))  # ties: the stronger penalty
+  best = min(l2s, key=lambda l: (val_loss.get(l, 0.0), -l))  # ties: the stronger penalty
 
   tx, sx = _standardise(train_x, test_x)
   params, iterations = fit_logistic(tx, train_y, best, n_classes, max_iter=max_iter, tol=tol,
                                     init=solutions.get(best))
   if on_fit is not None:
     on_fit()
-  return {"accuracy": _accuracy(params, sx, test_y), "l2": best, "val_accuracy": val_acc,
-          "train_accuracy": _accuracy(params, tx, train_y), "iterations": iterations}
+  return {"accuracy": _accuracy(params, sx, test_y), "l2": best, "val_loss": val_loss,
+          "val_accuracy": val_acc, "train_accuracy": _accuracy(params, tx, train_y), "iterations": iterations}
 
 
 def fits_per_probe(l2s: Sequence[float]) -> int:

@@ -100,8 +100,9 @@ def test_linear_probe_sweep_picks_from_validation():
   train_x, train_y = _blobs(200, 2)
   test_x, test_y = _blobs(100, 3)
   out = probe.linear_probe(train_x, train_y, test_x, test_y, l2s=[1e-3, 1e-1, 30.0])
-  assert set(out["val_accuracy"]) == {1e-3, 1e-1, 30.0}
-  assert out["val_accuracy"][out["l2"]] == max(out["val_accuracy"].values())
+  assert set(out["val_accuracy"]) == set(out["val_loss"]) == {1e-3, 1e-1, 30.0}
+  assert out["val_loss"][out["l2"]] == min(out["val_loss"].values())
+  assert out["l2"] != 30.0  # the penalty that flattens the blobs' logits is never least CE
   with pytest.raises(ValueError, match=r"\[N, F\]"):
     probe.linear_probe(train_x, train_y, test_x[:, :2], test_y)
 
