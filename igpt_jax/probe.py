@@ -276,6 +276,13 @@ def fit_logistic(x, y, l2: float, n_classes: int, *, max_iter: int = 1000, tol: 
   return jax.tree.map(np.asarray, params), int(count)
 
 
+def validation_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(val, fit) row indices of n: the rows that score each L2 and the rows its fit sees."""
+  order = np.random.default_rng(seed).permutation(n)
+  n_val = max(1, int(round(val_fraction * n)))
+  return order[:n_val], order[n_val:]
+
+
 def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEFAULT_L2S,
                  val_fraction: float = 0.1, n_classes: int | None = None, max_iter: int = 1000,
                  tol: float = 1e-5, seed: int = 0,
@@ -310,9 +317,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
   # the refit starts at the chosen l2's solution.
   val_loss, val_acc, solutions = {}, {}, {}
   if len(l2s) > 1:
-    order = np.random.default_rng(seed).permutation(len(train_x))
-    n_val = max(1, int(round(val_fraction * len(train_x))))
-    val, fit = order[:n_val], order[n_val:]
+    val, fit = validation_split(len(train_x), val_fraction, seed)
     fx, vx = _standardise(train_x[fit], train_x[val])
     init = None
     for l2 in sorted(l2s, reverse=True):
@@ -330,7 +335,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, l2s: Sequence[float] = DEF
   if on_fit is not None:
     on_fit()
   return {"accuracy": _accuracy(params, sx, test_y), "l2": best, "val_loss": val_loss,
-          "val_accuracy": val_acc, "train_accuracy": _accuracy(params, tx, train_y), "iterations": iterations}
+          "val_accuracy": val_acc, "train_accuracy": _accuracy(params, tx, train_y),
+          "iterations": iterations}
 
 
 def fits_per_probe(l2s: Sequence[float]) -> int:
