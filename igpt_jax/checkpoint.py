@@ -18,6 +18,7 @@ returns it.
 
   load(workdir, step=None) -> (IGPTConfig, params, palette)   probes, sampling, notebooks
   read_meta(workdir, step=None) -> dict                        what a checkpoint records
+  steps(workdir) -> [step, ...]                                what is on disk, oldest first
   best_step(workdir, metric) -> step                           highest metric on disk
   save_params(workdir, cfg, params, palette, step=0)           converted weights
   manager / save / restore                                     the training loop
@@ -220,6 +221,14 @@ def _best_step(mngr: ocp.CheckpointManager, metric: str) -> int:
   if not scored:
     raise FileNotFoundError(f"no checkpoint in {mngr.directory} records {metric!r}")
   return max(scored, key=lambda ms: (ms[0], -ms[1]))[1]  # ties: the earlier step, as BestN
+
+
+def steps(workdir: str) -> list[int]:
+  """The checkpoint steps on disk, oldest first (readable or not: `load` finds out)."""
+  mngr, _ = _open(workdir, None)
+  on_disk = sorted(mngr.all_steps())
+  mngr.close()
+  return on_disk
 
 
 def best_step(workdir: str, metric: str = BEST_METRIC) -> int:

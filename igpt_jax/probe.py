@@ -11,6 +11,7 @@ mean over each image quadrant; layer n_layer is the ln_f output.
   probe_layers / low_data_probe / concat_layers                                       the tables
   pixel_features(tokens, palette, n_px)                                               baselines
   run(config, workdir, baselines=False) -> results dict                   behind launch/probe.py
+  run_checkpoints(config, workdir, steps) -> rows       the same at each step, and Figure 3
   make_evaluator(config, cfg, palette, mesh) -> fn(params, step) -> scalars    inside training
   write_probe_vs_loss(workdir) -> path of the paper's Figure 3 from metrics.jsonl
 
@@ -26,6 +27,7 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -441,10 +443,12 @@ def _checked_batches(config, split: str, palette, n_px: int, batch_size: int):
   return itertools.chain([first], batches)
 
 
-def run(config, workdir: str, *, baselines: bool = False, step: int | None = None) -> dict:
-  """Extracts, probes every layer (+ concat, low-data, baselines), writes workdir/probe/.
+def run(config, workdir: str, *, baselines: bool = False, step: int | None = None,
+        out_dir: str | None = None) -> dict:
+  """Extracts, probes every layer (+ concat, low-data, baselines), writes out_dir.
 
-  config: see experiments/probe_cifar10.py. Returns the dict written to results.json.
+  config: see experiments/probe_cifar10.py. step: the checkpoint (None: the newest readable).
+  out_dir: default workdir/probe. Returns the dict written to results.json.
   """
   from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   cfg, params, palette = ckpt_lib.load(workdir, step)
@@ -454,7 +458,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   model_lib.check_layers(cfg, layers)
   n_dev = jax.local_device_count()
   batch_size = -(-config.batch_size // n_dev) * n_dev
-  out_dir = os.path.join(workdir, "probe")
+  out_dir = out_dir or os.path.join(workdir, "probe")
   feat_dir = os.path.join(out_dir, "features")
   splits = {"train": config.data.train_split, "test": config.data.eval_split}
   batches = {name: _checked_batches(config, split, palette, cfg.n_px, batch_size)
@@ -493,7 +497,8 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   def fitting(desc: str, probes: int):  # a bar over the L-BFGS fits of `probes` linear probes
     return console.progress(desc=desc, total=probes * fits_per_probe(opts["l2s"]), unit="fit")
 
-  results = {"workdir": os.path.abspath(workdir), "model": cfg.to_dict(),
+  results = {"workdir": os.path.abspath(workdir),
+             "step": ckpt_lib.read_meta(workdir, step)["step"], "model": cfg.to_dict(),
              "data": dict(config.data), "reading": config.reading,
              "n_train": len(labels["train"]), "n_test": len(labels["test"])}
   with fitting(f"probing {len(layers)} layers", len(layers)) as bar:
@@ -533,6 +538,37 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   plot_accuracy(os.path.join(out_dir, "accuracy_by_layer.png"), curves, flat)
   logging.info("summary: %s", summary)
   return results
+
+
+def run_checkpoints(config, workdir: str, steps: Sequence[int]) -> list[dict]:
+  """`run` at each checkpoint step: the paper's Figure 3 with the full protocol, after the run.
+
+  Step s writes workdir/probe/step_{s:07d}/ (results.json and the layer plot; its features are
+  deleted once fitted: a run's worth of steps would hold N x layers x D floats each). Returns
+  one row per step, as the in-loop evaluator logs them (probe_accuracy, probe_layer,
+  probe_accuracy_layerNN) plus the run's held-out loss at that step from metrics.jsonl, and
+  writes them to workdir/probe/checkpoints.json and workdir/probe/probe_vs_loss.png (steps
+  without a held-out loss are left out of the plot, with a warning).
+  """
+  root = os.path.join(workdir, "probe")
+  losses = {s: r["eval_loss"] for s, r in _metrics_by_step(workdir).items() if "eval_loss" in r}
+  rows = []
+  for step in steps:
+    out_dir = os.path.join(root, f"step_{step:07d}")
+    table = run(config, workdir, step=step, out_dir=out_dir)["pretrained"]
+    shutil.rmtree(os.path.join(out_dir, "features"))
+    rows.append({"step": step, "probe_accuracy": table["best_accuracy"],
+                 "probe_layer": table["best_layer"],
+                 **{f"probe_accuracy_layer{l:02d}": r["accuracy"]
+                    for l, r in table["layers"].items()},
+                 **({"eval_loss": losses[step]} if step in losses else {})})
+  write_json(os.path.join(root, "checkpoints.json"), rows)
+  if missing := [r["step"] for r in rows if "eval_loss" not in r]:
+    logging.warning("metrics.jsonl of %s has no held-out loss at steps %s: they are left out "
+                    "of probe_vs_loss.png", workdir, missing)
+  if plotted := [r for r in rows if "eval_loss" in r]:
+    plot_probe_vs_loss(os.path.join(root, "probe_vs_loss.png"), plotted)
+  return rows
 
 
 # -- probes during pretraining ----------------------------------------------------------------
@@ -607,10 +643,18 @@ def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable
   return evaluate
 
 
+def _metrics_by_step(workdir: str) -> dict[int, dict]:
+  """The last metrics.jsonl record of each step (a resumed run logs some steps twice)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):  # converted weights, a run from elsewhere
+    return {}
+  with open(path) as f:
+    return {r["step"]: r for r in map(json.loads, f)}
+
+
 def _probe_rows(workdir: str) -> list[dict]:
   """metrics.jsonl rows holding both a probe and a held-out loss (last record of each step)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = {r["step"]: r for r in map(json.loads, f)}
+  rows = _metrics_by_step(workdir)
   return [rows[s] for s in sorted(rows) if "probe_accuracy" in rows[s] and "eval_loss" in rows[s]]
 
 

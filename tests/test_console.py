@@ -86,10 +86,14 @@ def consoles(tmp_path_factory):
   palette = palette_lib.fit_palette(images, k=16, steps=5, batch_size=256)
   for run in ("pre", "pre_again"):
     checkpoint.save_params(str(d / run), cfg, params, palette)
+  for step in (1, 2):  # a run with two checkpoints and its held-out losses
+    checkpoint.save_params(str(d / "steps"), cfg, params, palette, step=step)
+  (d / "steps" / "metrics.jsonl").write_text(
+      "".join(json.dumps({"step": s, "eval_loss": 3.0 - s}) + "\n" for s in (1, 2)))
   convert.write_hf_dir(str(d / "hf"), cfg, params, palette)
   data = [f"--config.data.name={d / 'images.npz'}", "--config.data.train_split=train[:48]",
           "--config.data.eval_split=train[48:]"]
-  probe = [f"--config={REPO / 'experiments' / 'probe_cifar10_tiny.py'}", "--baselines",
+  probe = [f"--config={REPO / 'experiments' / 'probe_cifar10_tiny.py'}",
            "--config.batch_size=8", "--config.low_data.seeds=2", "--config.low_data.sizes=(8,)",
            "--config.l2s=(0.01,0.1)", *data]
   runs = {
@@ -98,8 +102,9 @@ def consoles(tmp_path_factory):
       "train": [f"--config={REPO / 'experiments' / 'tiny_test.py'}", f"--workdir={d / 'run'}",
                 "--config.total_steps=4", "--config.log_every=2",
                 "--config.sample_every=4", *data],
-      "probe": [*probe, f"--workdir={d / 'pre'}"],
-      "probe_again": [*probe, f"--workdir={d / 'pre_again'}"],
+      "probe": [*probe, "--baselines", f"--workdir={d / 'pre'}"],
+      "probe_again": [*probe, "--baselines", f"--workdir={d / 'pre_again'}"],
+      "probe_checkpoints": [*probe, "--checkpoints=all", f"--workdir={d / 'steps'}"],
       "sample": [f"--workdir={d / 'pre'}", "--num=2", f"--out={d / 'samples'}"],
       "convert": [f"--hf_dir={d / 'hf'}", f"--workdir={d / 'converted'}"],
       "finetune": [f"--config={REPO / 'experiments' / 'finetune_cifar10_tiny.py'}",
@@ -110,7 +115,8 @@ def consoles(tmp_path_factory):
   }
   # A user's environment: no device count or platform forced (conftest sets both for tests).
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = {name: subprocess.Popen([sys.executable, "-m", f"launch.{name.removesuffix('_again')}",
+  script = {"probe_again": "probe", "probe_checkpoints": "probe"}
+  procs = {name: subprocess.Popen([sys.executable, "-m", f"launch.{script.get(name, name)}",
                                    *map(str, flags)],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
@@ -123,8 +129,8 @@ def consoles(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["fit_palette", "train", "probe", "sample", "convert",
-                                    "finetune"])
+@pytest.mark.parametrize("script", ["fit_palette", "train", "probe", "probe_checkpoints",
+                                    "sample", "convert", "finetune"])
 def test_launch_script_console_has_no_noise(consoles, script):
   for line in consoles[1][script].splitlines():
     assert not any(b in line for b in BANNED), f"launch/{script}.py printed: {line}"
@@ -140,6 +146,7 @@ def test_launch_scripts_show_progress(consoles):
   assert "compiling the train step" in consoles["train"]
   assert re.search(r"features of train \(train\[:48\]\): 100%.*48/48", consoles["probe"])
   assert "probing 3 layers: 100%" in consoles["probe"]
+  assert consoles["probe_checkpoints"].count("probing 3 layers: 100%") == 2
   assert "sampling 2 images" in consoles["sample"]
   assert "reading and converting" in consoles["convert"]
 

@@ -189,6 +189,46 @@ def test_run_start_up_errors(run_dir):
     probe.run(config, workdir)
 
 
+def test_run_checkpoints_probes_each_step_and_draws_figure_3(run_dir, params):
+  workdir = run_dir / "steps"
+  palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  later = model_lib.init_params(CFG, jax.random.key(1))
+  for step, p in ((10, params), (20, later)):
+    ckpt_lib.save_params(str(workdir), CFG, p, palette, step=step)
+  # Held-out loss at step 20 only: step 10 stays out of the plot but not out of the rows.
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+      {"step": 10, "train_loss": 3.0}, {"step": 20, "train_loss": 2.5, "eval_loss": 2.4})))
+  config = _probe_config(run_dir, concat_k=1, low_data=dict(sizes=(), seeds=1, balanced=True))
+  assert ckpt_lib.steps(str(workdir)) == [10, 20]
+  rows = probe.run_checkpoints(config, str(workdir), [10, 20])
+
+  assert [r["step"] for r in rows] == [10, 20]
+  assert "eval_loss" not in rows[0] and rows[1]["eval_loss"] == 2.4
+  for row, p in zip(rows, (params, later)):  # each row is the single-checkpoint probe's table
+    step_dir = workdir / "probe" / f"step_{row['step']:07d}"
+    saved = json.load(open(step_dir / "results.json"))
+    assert saved["step"] == row["step"]
+    saved = saved["pretrained"]
+    assert row["probe_layer"] == saved["best_layer"]
+    assert row["probe_accuracy"] == saved["best_accuracy"] == max(
+        row[f"probe_accuracy_layer{l:02d}"] for l in range(CFG.n_layer + 1))
+    assert not (step_dir / "features").exists()  # deleted once fitted
+  assert json.load(open(workdir / "probe" / "checkpoints.json")) == json.loads(json.dumps(rows))
+  assert (workdir / "probe" / "probe_vs_loss.png").stat().st_size > 1000
+
+
+def test_checkpoints_flag_names_steps_on_disk(run_dir):
+  from absl import app
+  from launch import probe as launch_probe
+  workdir = str(run_dir / "run")  # one checkpoint, step 0
+  assert launch_probe.checkpoint_steps(workdir, "all") == [0]
+  assert launch_probe.checkpoint_steps(workdir, "0,") == [0]
+  with pytest.raises(app.UsageError, match=r"no checkpoint at \[5\].*on disk: \[0\]"):
+    launch_probe.checkpoint_steps(workdir, "0,5")
+  with pytest.raises(app.UsageError, match="takes 'all' or steps"):
+    launch_probe.checkpoint_steps(workdir, "latest")
+
+
 # -- the evaluator inside training -------------------------------------------------------------
 
 def _evaluator_config(root, **overrides):
