@@ -2,12 +2,13 @@
 
   python -m bench.probe_paired --workdir W --layers 8,12
 
-Refits each layer's probe at the L2 the run's `launch.probe` chose (W/probe/results.json) on
-its cached features and compares the two on the same test images: the accuracy difference,
-the images only one gets right (b: only the first, c: only the second), McNemar's z =
-(b - c) / sqrt(b + c) with its two-sided p, and a 95% bootstrap interval of the difference
-(2,000 resamples of the test images). Two figures that each carry 0.5 points of binomial noise
-differ with much less when the images are shared. The last line of stdout is one JSON object.
+Refits each layer's probe at the L2 the run's `launch.probe` chose (W/probe/results.json), or
+at the two given by --l2, on its cached features and compares the two on the same test images:
+the accuracy difference, the images only one gets right (b: only the first, c: only the
+second), McNemar's z = (b - c) / sqrt(b + c) with its two-sided p, and a 95% bootstrap
+interval of the difference (2,000 resamples of the test images). Two figures that each carry
+0.5 points of binomial noise differ with much less when the images are shared. The last line of
+stdout is one JSON object.
 """
 # pylint: disable=protected-access  (the probe's own standardisation)
 
@@ -27,6 +28,7 @@ from igpt_jax import probe
 flags.DEFINE_string("workdir", None, "a run probed by launch.probe (reads W/probe)")
 flags.DEFINE_list("layers", None, "the two layers to compare, e.g. 8,12")
 flags.DEFINE_string("probe_dir", "probe", "the folder of W that launch.probe wrote (moved aside)")
+flags.DEFINE_list("l2", None, "the two layers' L2s (default: those launch.probe chose)")
 flags.mark_flags_as_required(["workdir", "layers"])
 FLAGS = flags.FLAGS
 
@@ -48,7 +50,8 @@ def main(_):
   root = os.path.join(FLAGS.workdir, FLAGS.probe_dir)
   with open(os.path.join(root, "results.json")) as f:
     table = json.load(f)["pretrained"]["layers"]
-  l2s = {l: table[str(l)]["l2"] for l in (first, second)}
+  l2s = ({l: table[str(l)]["l2"] for l in (first, second)} if FLAGS.l2 is None
+         else dict(zip((first, second), map(float, FLAGS.l2), strict=True)))
   right_1, right_2 = (correct(os.path.join(root, "features"), l, l2s[l]) for l in (first, second))
   only_first, only_second = int(np.sum(right_1 & ~right_2)), int(np.sum(~right_1 & right_2))
   z = (only_first - only_second) / math.sqrt(max(only_first + only_second, 1))
