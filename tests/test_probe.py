@@ -204,7 +204,7 @@ def test_run_checkpoints_probes_each_step_and_draws_figure_3(run_dir, params):
 
   assert [r["step"] for r in rows] == [10, 20]
   assert "eval_loss" not in rows[0] and rows[1]["eval_loss"] == 2.4
-  for row, p in zip(rows, (params, later)):  # each row is the single-checkpoint probe's table
+  for row in rows:  # each row is the single-checkpoint probe's table
     step_dir = workdir / "probe" / f"step_{row['step']:07d}"
     saved = json.load(open(step_dir / "results.json"))
     assert saved["step"] == row["step"]
