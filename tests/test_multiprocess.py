@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import sharding
-from test_train import REPO, TINY, files, read_metrics  # pylint: disable=unused-import
+from test_train import REPO, TINY, files  # pylint: disable=unused-import
 
 STEPS = 40  # tiny steps are fast: room for the hosts to agree on a step to stop at
 
@@ -78,9 +79,8 @@ def test_two_processes_train_as_one_job(uninterrupted_pair):
 @pytest.mark.slow
 def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair):
   procs = launch_pair(files, tmp_path)
-  metrics = os.path.join(tmp_path, "metrics.jsonl")
   while all(p.poll() is None for p in procs):
-    if os.path.exists(metrics) and max(read_metrics(tmp_path), default=0) >= 4:
+    if max(metrics_lib.read(tmp_path), default=0) >= 4:
       for p in procs:  # a pod's preemption notice reaches every host
         p.send_signal(signal.SIGTERM)
       break
@@ -93,7 +93,7 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
   errs = finish(launch_pair(files, tmp_path))
   assert all(f"resumed from step {resumed_from}" in e for e in errs)
   assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == STEPS
-  want, got = read_metrics(uninterrupted_pair[0]), read_metrics(tmp_path)
+  want, got = metrics_lib.read(uninterrupted_pair[0]), metrics_lib.read(tmp_path)
   assert sorted(got) == list(range(1, STEPS + 1))
   steps = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in steps],
