@@ -110,8 +110,10 @@ def move(src: PathLike, dst: PathLike) -> None:
   if not remote(dst):
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
-  else:
-    _fs(src).mv(os.fspath(src), os.fspath(dst), recursive=True)
+  else:  # copy then delete: gcsfs's mv would try GCS's moveTo first, which not every server has
+    fs = _fs(src)
+    fs.copy(os.fspath(src), os.fspath(dst), recursive=True)
+    fs.rm(os.fspath(src), recursive=True)
 
 
 def _fs(p: epath.Path):
