@@ -8,6 +8,7 @@ folder's listing and labels come from the bucket (`test_data_from_a_bucket`); th
 are then `tf.io.read_file` of the gs:// names.
 """
 
+import json
 import os
 import pathlib
 import threading
@@ -23,6 +24,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 from conftest import GCS_BUCKET
+from test_train import files  # pylint: disable=unused-import  (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
@@ -170,3 +172,53 @@ def test_palette_in_a_bucket(gcs):
   np.testing.assert_array_equal(palette_lib.load_palette(url("palettes", "p.npy"), k=16), PALETTE)
   with pytest.raises(ValueError, match="does not exist"):
     palette_lib.load_palette(url("palettes", "missing.npy"))
+
+
+@pytest.fixture(scope="module")
+def bucket_files(gcs, files):
+  """test_train's 64-image .npz and 16-colour palette, copied into the bucket."""
+  del gcs
+  out = (url("data", "images.npz"), url("data", "palette.npy"))
+  for local, remote in zip(files, out):
+    paths.path(remote).write_bytes(pathlib.Path(local).read_bytes())
+  return out
+
+
+@pytest.mark.slow
+def test_a_tpu_runs_checkpoint_probes_samples_and_finetunes_here(bucket_files):
+  """A checkpoint whose model says splash and bfloat16, as a TPU run wrote them before
+  checkpoints recorded the configured model: everything runs on this CPU, from the bucket."""
+  from experiments import finetune_cifar10_tiny, probe_cifar10_tiny  # pylint: disable=import-outside-toplevel
+  from igpt_jax import probe, sample, train  # pylint: disable=import-outside-toplevel
+  tpu = CFG.replace(attention="splash", dtype="bfloat16")
+  workdir = url("tpu_run")
+  ckpt_lib.save_params(workdir, tpu, model_lib.init_params(tpu, jax.random.key(0)), PALETTE)
+  cfg, params, _ = ckpt_lib.load(workdir)
+  assert (cfg.attention, cfg.dtype) == ("auto", "bfloat16")
+  assert ckpt_lib.load(workdir, attention="xla", dtype="float32")[0].replace(
+      attention="splash", dtype="bfloat16") == tpu
+
+  config = probe_cifar10_tiny.get_config()
+  config.data = dict(name=bucket_files[0], train_split="train[:48]", eval_split="train[48:]")
+  config.update(batch_size=8, l2s=(1e-1,), concat_k=1, low_data=dict(sizes=(), seeds=1))
+  results = probe.run(config, workdir)
+  assert paths.read_json(url("tpu_run", "probe", "results.json"))["summary"] == json_round(
+      results["summary"])
+  assert (paths.path(workdir) / "probe" / "accuracy_by_layer.png").exists()
+
+  tokens = sample.sample(cfg, params, jax.random.key(0), batch_size=2)
+  assert tokens.shape == (2, CFG.n_ctx)
+
+  ft = finetune_cifar10_tiny.get_config()
+  ft.update(init_workdir=workdir, n_classes=10, batch_size=8, total_steps=2, eval_every=2,
+            checkpoint_every=2, log_every=1, eval_batches=1, test_split="")
+  ft.data = dict(name=bucket_files[0], train_split="train[:48]", eval_split="train[48:]")
+  last = train.train_and_evaluate(ft, url("tpu_run_ft"))
+  assert 0 <= last["best_eval_accuracy"] <= 1
+  saved = ckpt_lib.read_meta(url("tpu_run_ft"))["model"]
+  assert (saved["attention"], saved["dtype"]) == ("auto", "bfloat16")
+  assert nothing_local_named_gs()
+
+
+def json_round(obj):
+  return json.loads(json.dumps(obj))
