@@ -6,7 +6,7 @@
 `workdir/metrics.jsonl` holds one JSON object per logged step: `step` plus the scalars logged at
 it (`train_loss`, `eval_loss`, ... in nats per token). A resumed run logs the steps between its
 checkpoint and the interruption again: the later record of a step is the one that counts.
-TensorBoard events go to `workdir/events.out.tfevents.<time>.<host>.<pid>` (one file per start),
+TensorBoard events go to `workdir/events.out.tfevents.<time>.<host>.<pid>.<n>` (one file per start),
 scalar summaries under the same names.
 
 Every `write` sends its own records at once (nothing is lost when the process dies), appended
@@ -18,6 +18,7 @@ flush; the event records here are framed by hand for that reason).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from typing import Mapping
 from igpt_jax import paths
 
 FILE = "metrics.jsonl"
+_WRITERS = itertools.count()  # a second writer in the same second gets its own events file
 
 
 def _record(event_bytes: bytes) -> bytes:
@@ -63,7 +65,7 @@ class Writer:
     root = paths.path(workdir)
     self.jsonl = root / FILE
     self.events = root / (f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}."
-                          f"{os.getpid()}")
+                          f"{os.getpid()}.{next(_WRITERS)}")
     self._started = False
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:

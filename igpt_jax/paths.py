@@ -25,10 +25,15 @@ import uuid
 
 from etils import epath
 from etils.epath import backend as epath_backend
+import fsspec
 import numpy as np
 
 # Before any gs:// path is touched: epath reads it on every call.
 os.environ.setdefault("EPATH_USE_TF", "false")
+# gcsfs would answer exists / open / listings from the listings it has cached: objects that other
+# processes wrote since (another host's checkpoint shards, the probe's results read by a
+# notebook) would stay invisible to this one.
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 PathLike = str | os.PathLike
 

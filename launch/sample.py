@@ -7,7 +7,8 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
 `--workdir` is a training run or the output of launch/convert.py (read with
 `igpt_jax.checkpoint.load`), local or gs://; `--out` may be either too. `--attention` and
 `--dtype` override how the saved model runs here (default: as saved, with a kernel this host
-cannot run, such as a TPU run's splash, replaced by "auto"). Writes `samples.png` + `samples.npy` (tokens [num, T]), or
+cannot run, such as a TPU run's splash, replaced by "auto"). Writes `samples.png` +
+`samples.npy` (tokens [num, T]), or
 `completions.png` (rows: input | completions | original) + `completions.npy` (tokens
 [num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
 batch is split over as many of them as divide it evenly; on a CPU host every core is one device

@@ -35,18 +35,10 @@ def cifar10_sample(cifar10_npz):
 # -- a GCS server on localhost -----------------------------------------------------------------
 
 GCS_BUCKET = "igpt-test"  # TensorStore, like GCS, refuses bucket names under 3 characters
-_EMULATOR = """
-import sys, threading
-from gcp_storage_emulator.server import create_server
-create_server("127.0.0.1", int(sys.argv[1]), in_memory=False, default_bucket=sys.argv[2],
-              data_dir=sys.argv[3]).start()
-print("ready", flush=True)
-threading.Event().wait()
-"""
 
 
 class GcsEmulator:
-  """gcp-storage-emulator (the GCS JSON API) in a subprocess on a free localhost port.
+  """tests/gcs_emulator.py (the GCS JSON API) in a subprocess on a free localhost port.
 
   Objects live on disk under `root`, so stop() then start() is a server outage that loses
   nothing. `env` points gcsfs (STORAGE_EMULATOR_HOST) and TensorStore (TENSORSTORE_GCS_HTTP_URL
@@ -67,9 +59,10 @@ class GcsEmulator:
   def start(self) -> None:
     log = open(self.root / "emulator.log", "a")  # pylint: disable=consider-using-with
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", _EMULATOR, str(self.port), GCS_BUCKET, str(self.root / "data")],
+        [sys.executable, str(pathlib.Path(__file__).parent / "gcs_emulator.py"),
+         f"--port={self.port}", f"--bucket={GCS_BUCKET}", f"--data_dir={self.root / 'data'}"],
         stdout=subprocess.PIPE, stderr=log, text=True)
-    if self.proc.stdout.readline().strip() != "ready":
+    if not self.proc.stdout.readline().startswith("ready"):
       raise RuntimeError(f"the GCS emulator did not start; see {self.root / 'emulator.log'}")
 
   def stop(self) -> None:

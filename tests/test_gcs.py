@@ -7,10 +7,14 @@ and reaches tfds unchanged (`test_tfds_data_dir_in_a_bucket_reaches_tfds`), and 
 folder's listing and labels come from the bucket (`test_data_from_a_bucket`); the files' bytes
 are then `tf.io.read_file` of the gs:// names.
 """
+# pylint: disable=protected-access  (data's source readers are what these tests check)
 
 import json
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,12 +22,20 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import finetune_cifar10_tiny
+from experiments import probe_cifar10_tiny
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import data as data_lib
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
+from igpt_jax import probe
+from igpt_jax import sample
+from igpt_jax import train
 from conftest import GCS_BUCKET
+import test_multiprocess
+import test_train
 from test_train import files  # pylint: disable=unused-import  (a fixture)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -139,9 +151,9 @@ def test_data_from_a_bucket(gcs, image_tree):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
   assert data_lib.num_examples(bucket_npz, "train[4:]") == 20
   for split in ("train", "test"):
-    local_files, local_labels = data_lib._local_split(os.fspath(image_tree / "folder"), split)  # pylint: disable=protected-access
-    files, labels = data_lib._local_split(os.fspath(remote / "folder"), split)  # pylint: disable=protected-access
-    assert len(files) == len(local_files) and all(f.startswith(url("images", "folder")) for f in files)
+    local_files, local_labels = data_lib._local_split(os.fspath(image_tree / "folder"), split)
+    files, labels = data_lib._local_split(os.fspath(remote / "folder"), split)
+    assert all(f.startswith(url("images", "folder")) for f in files)
     assert [f.replace(os.fspath(remote), os.fspath(image_tree)) for f in files] == list(
         local_files)
     np.testing.assert_array_equal(labels, local_labels)
@@ -151,7 +163,7 @@ def test_tfds_data_dir_in_a_bucket_reaches_tfds(gcs, monkeypatch):
   del gcs
   paths.write_json(url("tensorflow_datasets", "cifar10", "marker.json"), {})
   with pytest.raises(ValueError, match="does not exist"):
-    data_lib._tfds_source("cifar10", url("no_tfds_here"), "train", 0, 1)  # pylint: disable=protected-access
+    data_lib._tfds_source("cifar10", url("no_tfds_here"), "train", 0, 1)
 
   seen = []
 
@@ -160,9 +172,9 @@ def test_tfds_data_dir_in_a_bucket_reaches_tfds(gcs, monkeypatch):
       seen.append((name, data_dir))
       raise RuntimeError("tfds reached")
 
-  monkeypatch.setattr(data_lib._tfds(), "builder", Builder)  # pylint: disable=protected-access
+  monkeypatch.setattr(data_lib._tfds(), "builder", Builder)
   with pytest.raises(RuntimeError, match="tfds reached"):
-    data_lib._tfds_source("cifar10", url("tensorflow_datasets"), "train", 0, 1)  # pylint: disable=protected-access
+    data_lib._tfds_source("cifar10", url("tensorflow_datasets"), "train", 0, 1)
   assert seen == [("cifar10", url("tensorflow_datasets"))]
 
 
@@ -188,8 +200,6 @@ def bucket_files(gcs, files):
 def test_a_tpu_runs_checkpoint_probes_samples_and_finetunes_here(bucket_files):
   """A checkpoint whose model says splash and bfloat16, as a TPU run wrote them before
   checkpoints recorded the configured model: everything runs on this CPU, from the bucket."""
-  from experiments import finetune_cifar10_tiny, probe_cifar10_tiny  # pylint: disable=import-outside-toplevel
-  from igpt_jax import probe, sample, train  # pylint: disable=import-outside-toplevel
   tpu = CFG.replace(attention="splash", dtype="bfloat16")
   workdir = url("tpu_run")
   ckpt_lib.save_params(workdir, tpu, model_lib.init_params(tpu, jax.random.key(0)), PALETTE)
@@ -222,3 +232,106 @@ def test_a_tpu_runs_checkpoint_probes_samples_and_finetunes_here(bucket_files):
 
 def json_round(obj):
   return json.loads(json.dumps(obj))
+
+
+# -- whole runs in the bucket, through the launch scripts ------------------------------------
+
+def wait_for_step(proc, workdir, step: int):
+  """Polls the bucket's metrics (twice a second: the emulator serves one request at a time)
+  until `step` is logged; False if the process ended first."""
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if max(metrics_lib.read(workdir), default=0) >= step:
+      return True
+    time.sleep(0.5)
+  return False
+
+
+def finish(proc, timeout=600) -> str:
+  _, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return err
+
+
+@pytest.fixture(scope="module")
+def bucket_run(bucket_files):
+  """launch/train.py with --workdir in the bucket, data from it, its palette fitted into it."""
+  workdir = url("runs", "whole")
+  finish(test_train.launch((bucket_files[0], ""), workdir))
+  return workdir
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_writes_everything_there(bucket_run):
+  root = paths.path(bucket_run)
+  names = {p.name for p in root.iterdir()}
+  assert {"checkpoints", "metrics.jsonl", "palette.npy", f"samples_{test_train.STEPS:07d}.png"
+          } <= names
+  assert any(n.startswith("events.out.tfevents") for n in names)
+  assert sorted(metrics_lib.read(bucket_run)) == list(range(1, test_train.STEPS + 1))
+  assert ckpt_lib.steps(bucket_run)[-1] == test_train.STEPS
+  assert ckpt_lib.read_meta(bucket_run)["model"]["attention"] == "auto"  # as configured
+  palette_lib.load_palette(root / "palette.npy", k=16)
+  assert nothing_local_named_gs()
+
+
+@pytest.mark.slow
+def test_sigterm_and_restart_from_the_bucket_equal_an_uninterrupted_run(bucket_run):
+  workdir = url("runs", "cut")
+  palette = f"{bucket_run}/palette.npy"  # the whole run's, so the two runs see the same tokens
+  proc = test_train.launch((url("data", "images.npz"), palette), workdir)
+  assert wait_for_step(proc, workdir, 35)
+  proc.send_signal(signal.SIGTERM)
+  assert "preempted: saved step" in finish(proc)
+  resumed_from = ckpt_lib.steps(workdir)[-1]
+  assert 35 <= resumed_from < test_train.STEPS
+  err = finish(test_train.launch((url("data", "images.npz"), palette), workdir))
+  assert f"resumed from step {resumed_from}" in err
+  want, got = metrics_lib.read(bucket_run), metrics_lib.read(workdir)
+  after = range(resumed_from + 1, test_train.STEPS + 1)
+  np.testing.assert_array_equal([got[s]["train_loss"] for s in after],
+                                [want[s]["train_loss"] for s in after])
+  assert got[test_train.STEPS]["eval_loss"] == want[test_train.STEPS]["eval_loss"]
+  assert nothing_local_named_gs()
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_run_in_the_bucket(bucket_files):
+  workdir = url("runs", "pair")
+  for proc in test_multiprocess.launch_pair(bucket_files, workdir):
+    finish(proc)
+  assert sorted(metrics_lib.read(workdir)) == list(range(1, test_multiprocess.STEPS + 1))
+  assert ckpt_lib.steps(workdir)[-1] == test_multiprocess.STEPS
+  ckpt_lib.load(workdir)
+  assert nothing_local_named_gs()
+
+
+def run_script(module: str, *args: str) -> str:
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return finish(proc)
+
+
+@pytest.mark.slow
+def test_probe_finetune_and_sample_read_the_run_from_the_bucket(bucket_run, bucket_files):
+  data = bucket_files[0]
+  run_script("launch.probe", "--config=experiments/probe_cifar10_tiny.py",
+             f"--workdir={bucket_run}", f"--config.data.name={data}",
+             "--config.data.train_split=train[:48]", "--config.data.eval_split=train[48:]",
+             "--config.batch_size=8", "--config.l2s=(0.1,)", "--config.concat_k=1",
+             "--config.low_data.sizes=()")
+  results = paths.read_json(f"{bucket_run}/probe/results.json")
+  assert results["workdir"] == bucket_run and results["n_test"] == 16
+  ft = url("runs", "finetuned")
+  run_script("launch.finetune", "--config=experiments/finetune_cifar10_tiny.py",
+             f"--workdir={ft}", f"--config.init_workdir={bucket_run}",
+             f"--config.data.name={data}", "--config.data.train_split=train[:40]",
+             "--config.data.eval_split=train[40:48]", "--config.test_split=train[48:]",
+             "--config.n_classes=10", "--config.batch_size=8", "--config.total_steps=4",
+             "--config.eval_every=2", "--config.checkpoint_every=2")
+  assert set(paths.read_json(f"{ft}/finetune_results.json")) == {
+      "best_step", "held_out_accuracy", "test_accuracy"}
+  run_script("launch.sample", f"--workdir={bucket_run}", "--num=2")
+  assert paths.load_npy(f"{bucket_run}/samples/samples.npy").shape == (2, 16)
+  assert (paths.path(bucket_run) / "samples" / "samples.png").exists()
+  assert nothing_local_named_gs()

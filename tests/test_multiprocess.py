@@ -172,8 +172,8 @@ def host(request, monkeypatch):
 @pytest.mark.parametrize("host", HOSTS, indirect=True)
 def test_launch_kind_joins_wherever_jax_detects_a_cluster(host):
   from jax._src import clusters  # pylint: disable=import-outside-toplevel
-  detected = [c.__name__ for c in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-              if not c.opt_in_only_method and c.is_env_present()]
+  kinds = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  detected = [c.__name__ for c in kinds if not c.opt_in_only_method and c.is_env_present()]
   assert (sharding.launch_kind() == "cluster") == bool(detected), detected
 
 
