@@ -1,7 +1,8 @@
 r"""What a run in a bucket costs, against a GCS server on localhost (tests/gcs_emulator.py).
 
-  python -m bench.gcs                       # cifar10_tiny's model, 5 saves each way, 100 flushes
-  python -m bench.gcs --n_layer 24 --n_embd 512 --n_px 32   # iGPT-S (76M parameters)
+  python -m bench.gcs                  # experiments/cifar10_tiny.py's model, 5 saves each way
+  python -m bench.gcs --config.model.n_layer=6 --config.model.n_embd=512 \
+      --config.model.n_head=8 --config.model.n_px=16 --saves 3       # 19.5M parameters
 
 Times one checkpoint save (parameters + Adam state + meta, `checkpoint.save` then
 `wait_until_finished`) to a local temporary directory and to gs:// on the emulator: the median
@@ -24,6 +25,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 
 from bench import common
@@ -34,17 +36,15 @@ from igpt_jax import model as model_lib
 from igpt_jax import paths
 from igpt_jax import steps
 
-flags.DEFINE_integer("n_px", 8, "model: image side")
-flags.DEFINE_integer("n_layer", 3, "model: layers")
-flags.DEFINE_integer("n_embd", 192, "model: width")
-flags.DEFINE_integer("n_head", 6, "model: heads")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(ROOT / "experiments" / "cifar10_tiny.py"), "Experiment whose model is saved.")
 flags.DEFINE_integer("saves", 5, "checkpoint saves timed each way")
 flags.DEFINE_integer("flushes", 100, "metrics writes counted")
 flags.DEFINE_integer("port", 9033, "emulator port")
 FLAGS = flags.FLAGS
 
 BUCKET = "igpt-bench"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def start_emulator():
@@ -101,8 +101,7 @@ def main(argv):
   console.setup()
   emulator = start_emulator()
   try:
-    cfg = model_lib.IGPTConfig(n_px=FLAGS.n_px, n_layer=FLAGS.n_layer, n_embd=FLAGS.n_embd,
-                               n_head=FLAGS.n_head)
+    cfg = model_lib.model_config(_CONFIG.value.model)
     tx = steps.make_optimizer(1e-3, 10)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp",
                                                                              "tensor"))
