@@ -11,7 +11,6 @@ tokens_per_s / demo_n_px**2 over the logged steps). The last line of stdout is o
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ from bench import common
 from experiments import base
 from igpt_jax import console
 from igpt_jax import data
+from igpt_jax import metrics
 
 flags.DEFINE_string("data", base.LOCAL_CIFAR10, "dataset name or local path")
 flags.DEFINE_string("split", "train[:45000]", "training split")
@@ -52,8 +52,7 @@ def pipeline_rate(n_px: int, palette) -> float:
 def consumer_rate() -> float | None:
   if FLAGS.consumer_images_per_s or not FLAGS.workdir:
     return FLAGS.consumer_images_per_s
-  with open(os.path.join(FLAGS.workdir, "metrics.jsonl")) as f:
-    rates = [r["tokens_per_s"] for r in map(json.loads, f) if "tokens_per_s" in r]
+  rates = [r["tokens_per_s"] for r in metrics.read(FLAGS.workdir).values() if "tokens_per_s" in r]
   return float(np.median(rates)) / FLAGS.demo_n_px ** 2 if rates else None
 
 

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Input (igpt_jax/data.py; unset fields take data.DEFAULTS). Splits use tfds slicing syntax.
   c.data = dict(name="", train_split="train", eval_split="test", augment="none")
-  c.palette = ""  # a (k, 3) .npy of colour centres; empty: fit one into workdir/palette.npy
+  c.palette = ""  # a (k, 3) .npy, local or gs://; empty: fit one into workdir/palette.npy
   c.model = {}  # IGPTConfig fields, or preset= plus overrides (model.model_config)
   c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
 

@@ -14,7 +14,9 @@ def get_config(dataset: str = "cifar10"):
   c = ml_collections.ConfigDict()
   # The probe makes its own 10% held-out split of train_split to choose the L2 penalty.
   c.data = dict(name=dataset, train_split="train", eval_split="test")
-  c.model = {}  # empty: whatever the checkpoint holds; else fields it must match
+  # Empty: whatever the checkpoint holds. `attention` / `dtype` override how it runs here
+  # (checkpoint.load); other fields are ones the checkpoint must match.
+  c.model = {}
   c.layers = ()  # empty: all, 0..n_layer
   c.reading = "ln1"  # or "residual" (the pre-norm block input)
   c.batch_size = 512

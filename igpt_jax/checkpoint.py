@@ -4,7 +4,12 @@ Layout: `workdir/checkpoints/<step>/{params, opt_state, meta}`. `meta` holds the
 the palette (so a checkpoint decodes its own samples), the step, the data position (the number
 of batches consumed: the input pipeline is a pure function of (seed, position)), the training
 config and the loop's own state (e.g. the best held-out accuracy so far). Weights-only
-checkpoints (`save_params`, converted models) have no opt_state.
+checkpoints (`save_params`, converted models) have no opt_state. The workdir may be local or in
+a bucket (`gs://...`): orbax gets the URI itself and commits with its object-store protocol.
+
+The recorded model is the one configured (attention "auto"): each host that loads it resolves
+the runtime fields for its own devices (`for_this_host`), so a run trained on TPUs probes,
+samples and fine-tunes on a CPU or GPU, and checkpoints that recorded a resolved kernel load so too.
 
 A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
 warning that names its step and why: `load` and `restore` fall back to the newest one that
@@ -16,7 +21,9 @@ Runs that evaluate held-out accuracy save it as the checkpoint's orbax metric: t
 (`best_metric=`) keeps the best one on disk besides the last `keep`, and `load(workdir, "best")`
 returns it.
 
-  load(workdir, step=None) -> (IGPTConfig, params, palette)   probes, sampling, notebooks
+  load(workdir, step=None, *, attention=None, dtype=None)
+      -> (IGPTConfig, params, palette)                         probes, sampling, notebooks
+  for_this_host(cfg, ...) -> cfg                              runtime fields for this host
   read_meta(workdir, step=None) -> dict                        what a checkpoint records
   steps(workdir) -> [step, ...]                                what is on disk, oldest first
   best_step(workdir, metric) -> step                           highest metric on disk
@@ -28,24 +35,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 
-# Fields that change how a model runs, not what it is: a run may resume with other values.
+# Fields that change how a model runs, not what it is: a run may resume with other values, and
+# a checkpoint records them as configured (attention "auto"), each host resolving them for itself.
 RUNTIME_FIELDS = ("dtype", "remat", "attention")
+# Kernels that run on one platform only: a checkpoint written by a run that recorded its resolved
+# kernel may name one, and elsewhere "auto" picks this host's instead.
+PLATFORM_KERNELS = {"splash": "tpu", "cudnn": "gpu"}
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: paths.PathLike) -> paths.epath.Path:
+  """workdir/checkpoints, local (made absolute) or in a bucket (given to orbax as such)."""
+  return paths.path(paths.absolute(workdir)) / "checkpoints"
 
 
 BEST_METRIC = "eval_accuracy"
@@ -142,17 +154,16 @@ def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any],
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int, folder: str) -> str:
   """Moves step's directory into folder (process 0; every process waits for it)."""
-  dest = os.path.join(folder, str(step))
+  dest = paths.path(folder) / str(step)
   if jax.process_index() == 0:
-    os.makedirs(folder, exist_ok=True)
     n = 1
-    while os.path.exists(dest):  # the same step may go bad twice
-      dest, n = os.path.join(folder, f"{step}.{n}"), n + 1
-    shutil.move(os.path.join(str(mngr.directory), str(step)), dest)
+    while dest.exists():  # the same step may go bad twice
+      dest, n = paths.path(folder) / f"{step}.{n}", n + 1
+    paths.move(paths.path(mngr.directory) / str(step), dest)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
   mngr.reload()
-  return dest
+  return str(dest)
 
 
 def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None:
@@ -203,7 +214,7 @@ def _abstract_params(cfg: model_lib.IGPTConfig):
 
 def _open(workdir: str, step: int | str | None):
   """-> (read-only manager, step: the given one, the best (step="best") or None for newest)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not checkpoint_dir(workdir).is_dir():
     raise FileNotFoundError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)})")
   mngr = manager(workdir, read_only=True)
   steps = mngr.all_steps()
@@ -251,17 +262,42 @@ def read_meta(workdir: str, step: int | str | None = None) -> dict:
   return meta
 
 
-def load(workdir: str, step: int | str | None = None):
-  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint.
+def for_this_host(cfg: model_lib.IGPTConfig, *, attention: str | None = None,
+                  dtype: str | None = None, remat: str | None = None,
+                  platform: str | None = None) -> model_lib.IGPTConfig:
+  """A saved model's config with its runtime fields set for this host's devices.
+
+  Given fields replace the saved ones. A saved attention kernel that cannot run on `platform`
+  (default: jax's backend here) -- splash off a TPU, cudnn off a GPU or outside 16 bit -- becomes
+  "auto", which the model resolves for the devices it runs on. The saved dtype is kept unless
+  given: bfloat16 and float16 compute run on every platform, only more slowly on a CPU.
+  """
+  given = {k: v for k, v in dict(attention=attention, dtype=dtype, remat=remat).items() if v}
+  cfg = cfg.replace(**given)
+  platform = platform or jax.default_backend()
+  kernel_platform = PLATFORM_KERNELS.get(cfg.attention)
+  runs_here = kernel_platform in (None, platform) and not (
+      cfg.attention == "cudnn" and jnp.dtype(cfg.dtype).itemsize != 2)
+  if not runs_here and attention is None:
+    cfg = cfg.replace(attention="auto")
+  return cfg
+
+
+def load(workdir: paths.PathLike, step: int | str | None = None, *, attention: str | None = None,
+         dtype: str | None = None):
+  """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint, local or gs://.
 
   step: an int, "best" (highest held-out accuracy) or None (the newest readable one).
-  Parameters only (no optimizer state), on the first local device.
+  attention, dtype: runtime overrides (see `for_this_host`; the saved values otherwise, with a
+  kernel this host cannot run replaced by "auto"). Parameters only (no optimizer state), on the
+  first local device.
   """
   mngr, step = _open(workdir, step)
 
   def read(step):
     meta = _read_meta(mngr, step)
-    cfg = model_lib.IGPTConfig.from_dict(meta["model"])
+    cfg = for_this_host(model_lib.IGPTConfig.from_dict(meta["model"]), attention=attention,
+                        dtype=dtype)
     params = _read(mngr, step, params=ocp.args.StandardRestore(_single_device_target(cfg)))
     return cfg, params["params"], meta
 

@@ -29,7 +29,7 @@ only) and `ln_f/g`; per layer `h{i}/ln_1/g`, `h{i}/ln_2/g`, `h{i}/attn/{q,k,v}_p
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import math
 import os
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax.model import IGPTConfig
 
 # Causal-mask buffers that older HF versions saved with the weights (`h.{i}.attn.bias` is the
@@ -222,42 +223,42 @@ def to_hf(cfg: IGPTConfig, params: Mapping):
   return sd, config_to_hf(cfg)
 
 
-def _load_weights(path: str) -> dict:
-  if path.endswith(".safetensors"):
+def _load_weights(path) -> dict:
+  if os.fspath(path).endswith(".safetensors"):
     try:
-      from safetensors.numpy import load_file
+      from safetensors.numpy import load
     except ImportError as e:
       raise ImportError(f"reading {path} needs `safetensors` (pip install safetensors)") from e
-    return load_file(path)
+    return load(paths.path(path).read_bytes())
   try:
     import torch  # Only the legacy pickle format needs it.
   except ImportError as e:
     raise ImportError(f"reading {path} needs torch; or convert the checkpoint to "
                       "model.safetensors") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
+  sd = torch.load(io.BytesIO(paths.path(path).read_bytes()), map_location="cpu",
+                  weights_only=True)
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()}
 
 
-def read_hf_dir(hf_dir: str):
-  """A hub checkpoint directory -> (state_dict of numpy arrays, config dict, palette or None).
+def read_hf_dir(hf_dir):
+  """A hub checkpoint directory (local or gs://) -> (state_dict of numpy arrays, config dict,
+  palette or None).
 
   Reads `config.json`, the weights (`model.safetensors` or `pytorch_model.bin`, either possibly
   sharded with an `.index.json`) and the palette: `clusters` of `preprocessor_config.json`,
   a (512, 3) array in [-1, 1] (None when that file is absent).
   """
-  config_path = os.path.join(hf_dir, "config.json")
-  if not os.path.exists(config_path):
+  root = paths.path(hf_dir)
+  if not (root / "config.json").exists():
     raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face checkpoint directory")
-  with open(config_path) as f:
-    hf_config = json.load(f)
+  hf_config = paths.read_json(root / "config.json")
 
   files = None
   for name in ("model.safetensors", "pytorch_model.bin"):
-    if os.path.exists(os.path.join(hf_dir, name)):
+    if (root / name).exists():
       files = [name]
-    elif os.path.exists(os.path.join(hf_dir, name + ".index.json")):
-      with open(os.path.join(hf_dir, name + ".index.json")) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+    elif (root / f"{name}.index.json").exists():
+      files = sorted(set(paths.read_json(root / f"{name}.index.json")["weight_map"].values()))
     if files:
       break
   if not files:
@@ -265,13 +266,12 @@ def read_hf_dir(hf_dir: str):
                      ".index.json)")
   state_dict = {}
   for name in files:
-    state_dict.update(_load_weights(os.path.join(hf_dir, name)))
+    state_dict.update(_load_weights(root / name))
 
   palette = None
-  preprocessor_path = os.path.join(hf_dir, "preprocessor_config.json")
-  if os.path.exists(preprocessor_path):
-    with open(preprocessor_path) as f:
-      clusters = json.load(f).get("clusters")
+  preprocessor_path = root / "preprocessor_config.json"
+  if preprocessor_path.exists():
+    clusters = paths.read_json(preprocessor_path).get("clusters")
     if clusters is None:
       raise ValueError(f"{preprocessor_path} has no `clusters` (the palette)")
     palette = palette_lib.check_palette(np.asarray(clusters, np.float32),
@@ -279,21 +279,21 @@ def read_hf_dir(hf_dir: str):
   return state_dict, hf_config, palette
 
 
-def write_hf_dir(hf_dir: str, cfg: IGPTConfig, params: Mapping, palette) -> None:
+def write_hf_dir(hf_dir, cfg: IGPTConfig, params: Mapping, palette) -> None:
   """Writes the files `read_hf_dir` reads (and `ImageGPTForCausalImageModeling.from_pretrained`
   loads): config.json, model.safetensors and preprocessor_config.json with the palette."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   palette = palette_lib.check_palette(palette, k=cfg.vocab_size)
   state_dict, hf_config = to_hf(cfg, params)
-  os.makedirs(hf_dir, exist_ok=True)
-  with open(os.path.join(hf_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
+  root = paths.path(hf_dir)
+  paths.write_json(root / "config.json", hf_config, indent=2)
   # transformers refuses safetensors files without the framework tag.
-  save_file(state_dict, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(hf_dir, "preprocessor_config.json"), "w") as f:
-    json.dump({"image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
-               "do_color_quantize": True, "do_normalize": True, "do_resize": True,
-               "size": {"height": cfg.n_px, "width": cfg.n_px}}, f)
+  paths.write_with(root / "model.safetensors",
+                   lambda f: f.write(save(state_dict, metadata={"format": "pt"})))
+  paths.write_json(root / "preprocessor_config.json", {
+      "image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
+      "do_color_quantize": True, "do_normalize": True, "do_resize": True,
+      "size": {"height": cfg.n_px, "width": cfg.n_px}})
 
 
 # The model variables of OpenAI's release; anything else in its checkpoints (Adam slots, step

@@ -2,9 +2,9 @@
 
 Two kinds of source feed one pipeline:
   * a tfds dataset by name (`KNOWN_TFDS`), read from `data_dir`;
-  * a local path: an `.npz` file (`images` uint8 [N, H, W, 3], `labels` int [N]), a directory of
-    `.npz` files (split `s` = the files `s*.npz`), or an image-folder tree (`root/<class>/*` is
-    split "train", or `root/<split>/<class>/*`).
+  * a path, local or in a bucket (`gs://...`): an `.npz` file (`images` uint8 [N, H, W, 3],
+    `labels` int [N]), a directory of `.npz` files (split `s` = the files `s*.npz`), or an
+    image-folder tree (`root/<class>/*` is split "train", or `root/<split>/<class>/*`).
 Both take tfds split syntax ("train[:45000]", "train[10%:]", "a+b") and are cut per host with
 `tfds.even_splits`, so host i reads its own disjoint slice.
 
@@ -14,12 +14,15 @@ example in the stream). Batch k is therefore known without running batches 0..k-
 `start_step=k` resumes exactly there (only the encoded records of the current epoch are skipped).
 
 TensorFlow is imported lazily (GPU and TPU hosts may lack it) and kept off the accelerators.
+Listings, `.npz` files and the palette go through the project's path layer (`igpt_jax.paths`);
+TensorFlow reads two kinds of path itself, gs:// included: a tfds `data_dir` (its records) and
+the files of an image folder (`tf.io.read_file` inside the pipeline).
 """
 
 from __future__ import annotations
 
 import functools
-import glob
+import io
 import os
 import re
 from typing import Iterator
@@ -29,6 +32,7 @@ import numpy as np
 
 from igpt_jax import console
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 
 KNOWN_TFDS = ("imagenet2012", "imagenet_resized/32x32", "imagenet_resized/64x64", "cifar10",
               "cifar100", "stl10")
@@ -71,12 +75,13 @@ def _fields(data_cfg) -> dict:
 
 
 def _is_local(name: str) -> bool:
+  """Whether name is a path (local or gs://) rather than a tfds dataset."""
   if name in KNOWN_TFDS:
     return False
-  if os.path.exists(name):
+  if paths.path(name).exists():
     return True
   raise ValueError(f"unknown dataset {name!r}: not one of the tfds datasets "
-                   f"{', '.join(KNOWN_TFDS)}, and no such local file or directory")
+                   f"{', '.join(KNOWN_TFDS)}, and no such file or directory")
 
 
 def _check_arrays(images, labels, where: str):
@@ -89,7 +94,7 @@ def _check_arrays(images, labels, where: str):
 
 
 def _read_npz(path: str):
-  with np.load(path) as f:
+  with np.load(io.BytesIO(paths.path(path).read_bytes())) as f:
     if "images" not in f or "labels" not in f:
       raise ValueError(f"{path}: an .npz source needs arrays `images` and `labels`, "
                        f"found {sorted(f.keys())}")
@@ -100,12 +105,12 @@ def _read_npz(path: str):
 
 def _image_folder(root: str):
   """Files and labels of `root/<class>/*` (classes in sorted order)."""
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+  classes = sorted(d.name for d in paths.path(root).iterdir() if d.is_dir())
   files, labels = [], []
   for label, cls in enumerate(classes):
-    for f in sorted(os.listdir(os.path.join(root, cls))):
+    for f in sorted(p.name for p in (paths.path(root) / cls).iterdir()):
       if f.lower().endswith(IMAGE_EXTENSIONS):
-        files.append(os.path.join(root, cls, f))
+        files.append(os.fspath(paths.path(root) / cls / f))
         labels.append(label)
   if not files:
     raise ValueError(f"{root}: no images ({'/'.join(IMAGE_EXTENSIONS)}) in class subdirectories")
@@ -115,23 +120,24 @@ def _image_folder(root: str):
 @functools.lru_cache(maxsize=2)
 def _local_split(path: str, split: str):
   """(images uint8 [N, H, W, 3] or file names [N], labels int32 [N]) of a named local split."""
-  if os.path.isfile(path):
+  root = paths.path(path)
+  if not root.is_dir():
     if split != "train":
       raise ValueError(f"{path} is a single .npz file: its only split is 'train' (slice it, "
                        f"e.g. 'train[45000:]'), got {split!r}")
     return _read_npz(path)
-  npz = sorted(glob.glob(os.path.join(path, "*.npz")))
+  npz = sorted(os.fspath(f) for f in root.glob("*.npz"))
   if npz:
-    files = [f for f in npz if os.path.basename(f).startswith(split)]
+    files = [f for f in npz if paths.path(f).name.startswith(split)]
     if not files:
       raise ValueError(f"{path}: no files {split}*.npz for split {split!r} among "
-                       f"{[os.path.basename(f) for f in npz]}")
+                       f"{[paths.path(f).name for f in npz]}")
     parts = [_read_npz(f) for f in files]
     if len({p[0].shape[1:] for p in parts}) > 1:
       raise ValueError(f"{path}: the {split!r} files hold images of different sizes")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-  if os.path.isdir(os.path.join(path, split)):
-    return _image_folder(os.path.join(path, split))
+  if (root / split).is_dir():
+    return _image_folder(os.fspath(root / split))
   if split == "train":
     return _image_folder(path)
   raise ValueError(f"{path}: no split {split!r} (no {split}*.npz, no {split}/ folder)")
@@ -164,7 +170,7 @@ def _local_source(path: str, split: str, index: int, count: int):
 
 def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
   tfds = _tfds()
-  if data_dir is not None and not os.path.isdir(data_dir):
+  if data_dir is not None and not paths.path(data_dir).is_dir():
     raise ValueError(f"data_dir {data_dir!r} for tfds dataset {name!r} does not exist")
   builder = tfds.builder(name, data_dir=data_dir)
   try:
@@ -400,8 +406,8 @@ def fit_split_palette(data_cfg, split: str, *, n_px: int | None, k: int,
 def run_palette(config, workdir: str, k: int, n_px: int) -> np.ndarray:
   """config.palette if set, else workdir/palette.npy, fitted there from the training split
   (`fit_split_palette` defaults, config.seed) when it is missing."""
-  path = config.palette or os.path.join(workdir, "palette.npy")
-  if not os.path.exists(path):
+  path = config.palette or paths.path(workdir) / "palette.npy"
+  if not paths.path(path).exists():
     if config.palette:
       raise FileNotFoundError(f"palette file {path} not found (launch/fit_palette.py fits one; "
                               "an empty config.palette fits one into the workdir)")
@@ -410,7 +416,6 @@ def run_palette(config, workdir: str, k: int, n_px: int) -> np.ndarray:
       palette = fit_split_palette(config.data, config.data.train_split, n_px=n_px, k=k,
                                   seed=config.seed)
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
       palette_lib.save_palette(path, palette)
     return palette
   return palette_lib.load_palette(path, k=k)

@@ -9,11 +9,12 @@ array in [-1, 1] and loads here as is.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from igpt_jax import paths
 
 
 def to_unit(pixels_uint8):
@@ -120,12 +121,13 @@ def fit_palette(pixels_uint8, k: int = 512, *, steps: int = 300, batch_size: int
   return np.asarray(centres, np.float32)
 
 
-def save_palette(path: str | os.PathLike, palette) -> None:
-  np.save(path, check_palette(palette))
+def save_palette(path: paths.PathLike, palette) -> None:
+  """Writes the centres as an .npy file (local or gs://)."""
+  paths.save_npy(path, check_palette(palette))
 
 
-def load_palette(path: str | os.PathLike, k: int | None = None) -> np.ndarray:
-  """Loads a (k, 3) centre file such as OpenAI's released `kmeans_centers.npy`."""
-  if not os.path.exists(path):
+def load_palette(path: paths.PathLike, k: int | None = None) -> np.ndarray:
+  """Loads a (k, 3) centre file such as OpenAI's released `kmeans_centers.npy` (local or gs://)."""
+  if not paths.path(path).exists():
     raise ValueError(f"palette file {path} does not exist (fit one with launch/fit_palette.py)")
-  return check_palette(np.load(path), k)
+  return check_palette(paths.load_npy(path), k)

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
-import shutil
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -44,8 +42,10 @@ from absl import logging
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import console
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
 
 DEFAULT_L2S = tuple(10.0 ** np.arange(-5, 0))  # 1e-5 .. 1e-1 on the mean-loss scale
@@ -150,56 +150,54 @@ def pixel_features(tokens, palette, n_px: int, kind: str = "histogram") -> np.nd
   raise ValueError(f"kind={kind!r}; expected one of {PIXEL_KINDS}")
 
 
-def feature_path(out_dir: str, split: str, name) -> str:
+def feature_path(out_dir: paths.PathLike, split: str, name) -> str:
   """Where `write_features` puts feature `name` (a layer index, or a string) of a split."""
-  return os.path.join(out_dir, f"{split}_layer{name:02d}.npy" if isinstance(name, int)
-                      else f"{split}_{name}.npy")
+  name = f"layer{name:02d}" if isinstance(name, int) else name
+  return os.fspath(paths.path(out_dir) / f"{split}_{name}.npy")
 
 
 def write_features(batches: Iterable[Mapping[str, np.ndarray]],
-                   featurize: Callable[[np.ndarray], Mapping], out_dir: str, split: str, *,
+                   featurize: Callable[[np.ndarray], Mapping], out_dir: paths.PathLike,
+                   split: str, *, rows: int,
                    on_rows: Callable[[int], object] | None = None) -> dict[str, str]:
   """Streams eval batches through `featurize` into `out_dir/{split}_{name}.npy` files.
 
   batches: dicts with "tokens" [B, T], "labels" [B] and optionally "valid" [B] (the padded
   last batch of `data.make_dataset(..., train=False)`). featurize(tokens) -> {name: [B, F]}
   (numpy or jax arrays; the next batch is dispatched before this one is fetched).
-  Rows go to disk batch by batch (appended raw, then given a .npy header), so memory holds one
-  batch of activations whatever the split size. Integer names (layers) become
+  rows: the number of valid rows the batches hold (`data.num_examples`): each file's .npy
+  header is written first and its rows streamed after it batch by batch, so memory holds one
+  batch of activations whatever the split size, and out_dir may be local or in a bucket.
+  Another count is a ValueError (and the files are removed). Integer names (layers) become
   `{split}_layer{l:02d}.npy`; labels are written as `{split}_labels.npy`. on_rows(n) is called
-  with each batch's number of valid rows once they are on disk (a progress bar's update).
+  with each batch's number of valid rows once they are written (a progress bar's update).
   Returns {name: path} including "labels".
   """
-  os.makedirs(out_dir, exist_ok=True)
-  raw, widths, n = {}, {}, 0
+  paths.path(out_dir).mkdir(parents=True, exist_ok=True)
+  files, n = {}, 0
   try:
     for batch, feats in _pipelined(lambda b: featurize(b["tokens"]), batches):
       valid = np.asarray(batch.get("valid", np.ones(len(batch["tokens"]), bool)), bool)
       feats = {**feats, "labels": np.asarray(batch["labels"], np.int32)}
       for name, value in feats.items():
-        value = np.asarray(value)[valid]
-        if name not in raw:
-          raw[name] = open(feature_path(out_dir, split, name) + ".raw", "wb")
-          widths[name] = (value.shape[1:], value.dtype)
-        value.tofile(raw[name])
+        value = np.ascontiguousarray(np.asarray(value)[valid])
+        if name not in files:
+          files[name] = paths.path(feature_path(out_dir, split, name)).open("wb")
+          np.lib.format.write_array_header_1_0(files[name], {
+              "descr": np.lib.format.dtype_to_descr(value.dtype), "fortran_order": False,
+              "shape": (rows, *value.shape[1:])})
+        files[name].write(value.tobytes())
       n += int(valid.sum())
       if on_rows is not None:
         on_rows(int(valid.sum()))
   finally:
-    for f in raw.values():
+    for f in files.values():
       f.close()
-  if not n:
-    raise ValueError(f"split {split!r} gave no (valid) examples")
-  paths = {}
-  for name, (shape, dtype) in widths.items():
-    paths[name] = feature_path(out_dir, split, name)
-    src = paths[name] + ".raw"
-    out = np.lib.format.open_memmap(paths[name], mode="w+", dtype=dtype, shape=(n, *shape))
-    out[:] = np.memmap(src, dtype=dtype, mode="r", shape=(n, *shape))
-    out.flush()
-    del out
-    os.remove(src)
-  return paths
+  if n != rows:
+    for name in files:
+      paths.path(feature_path(out_dir, split, name)).unlink()
+    raise ValueError(f"split {split!r} gave {n} (valid) examples, {rows} expected")
+  return {name: feature_path(out_dir, split, name) for name in files}
 
 
 # -- the probe --------------------------------------------------------------------------------
@@ -419,13 +417,12 @@ def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
   plt.close(fig)
 
 
-def write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, default=float)
+def write_json(path: paths.PathLike, obj) -> None:
+  paths.write_json(path, obj, indent=2, default=float)
 
 
 # -- the whole evaluation ---------------------------------------------------------------------
@@ -447,19 +444,23 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
         out_dir: str | None = None) -> dict:
   """Extracts, probes every layer (+ concat, low-data, baselines), writes out_dir.
 
-  config: see experiments/probe_cifar10.py. step: the checkpoint (None: the newest readable).
-  out_dir: default workdir/probe. Returns the dict written to results.json.
+  config: see experiments/probe_cifar10.py; its `model` may set `attention` / `dtype` (runtime
+  fields, `checkpoint.load`) and architecture fields the checkpoint must match. step: the
+  checkpoint (None: the newest readable). workdir and out_dir (default workdir/probe) may be
+  local or gs://. Returns the dict written to results.json.
   """
   from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  cfg, params, palette = ckpt_lib.load(workdir, step)
-  if config.get("model"):
-    ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(config.model), workdir)
+  model = dict(config.get("model") or {})
+  runtime = {k: model.pop(k) for k in ("attention", "dtype") if k in model}
+  cfg, params, palette = ckpt_lib.load(workdir, step, **runtime)
+  if model:
+    ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(model), workdir)
   layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
   model_lib.check_layers(cfg, layers)
   n_dev = jax.local_device_count()
   batch_size = -(-config.batch_size // n_dev) * n_dev
-  out_dir = out_dir or os.path.join(workdir, "probe")
-  feat_dir = os.path.join(out_dir, "features")
+  out_dir = out_dir or paths.path(workdir) / "probe"
+  feat_dir = paths.path(out_dir) / "features"
   splits = {"train": config.data.train_split, "test": config.data.eval_split}
   batches = {name: _checked_batches(config, split, palette, cfg.n_px, batch_size)
              for name, split in splits.items()}
@@ -480,14 +481,15 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
     return out
 
   for name, it in batches.items():
+    rows = data_lib.num_examples(config.data, splits[name])
     with console.progress(desc=f"features of {name} ({splits[name]})", unit="img",
-                          total=data_lib.num_examples(config.data, splits[name])) as bar:
-      write_features(it, featurize, feat_dir, name, on_rows=bar.update)
-  labels = {s: np.load(feature_path(feat_dir, s, "labels")) for s in splits}
+                          total=rows) as bar:
+      write_features(it, featurize, feat_dir, name, rows=rows, on_rows=bar.update)
+  labels = {s: paths.load_npy(feature_path(feat_dir, s, "labels")) for s in splits}
 
   def load(name):
-    return (np.load(feature_path(feat_dir, "train", name)), labels["train"],
-            np.load(feature_path(feat_dir, "test", name)), labels["test"])
+    return (paths.load_npy(feature_path(feat_dir, "train", name)), labels["train"],
+            paths.load_npy(feature_path(feat_dir, "test", name)), labels["test"])
 
   def load_layer(prefix):
     return lambda l: load(f"{prefix}layer{l:02d}")
@@ -497,7 +499,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   def fitting(desc: str, probes: int):  # a bar over the L-BFGS fits of `probes` linear probes
     return console.progress(desc=desc, total=probes * fits_per_probe(opts["l2s"]), unit="fit")
 
-  results = {"workdir": os.path.abspath(workdir),
+  results = {"workdir": paths.absolute(workdir),
              "step": ckpt_lib.read_meta(workdir, step)["step"], "model": cfg.to_dict(),
              "data": dict(config.data), "reading": config.reading,
              "n_train": len(labels["train"]), "n_test": len(labels["test"])}
@@ -534,8 +536,8 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                                                                   on_fit=bar.update, **opts)
         flat[f"pixels ({kind})"] = summary[f"pixels_{kind}"] = r["accuracy"]
   results["summary"] = summary
-  write_json(os.path.join(out_dir, "results.json"), results)
-  plot_accuracy(os.path.join(out_dir, "accuracy_by_layer.png"), curves, flat)
+  write_json(paths.path(out_dir) / "results.json", results)
+  plot_accuracy(paths.path(out_dir) / "accuracy_by_layer.png", curves, flat)
   logging.info("summary: %s", summary)
   return results
 
@@ -550,24 +552,24 @@ def run_checkpoints(config, workdir: str, steps: Sequence[int]) -> list[dict]:
   writes them to workdir/probe/checkpoints.json and workdir/probe/probe_vs_loss.png (steps
   without a held-out loss are left out of the plot, with a warning).
   """
-  root = os.path.join(workdir, "probe")
-  losses = {s: r["eval_loss"] for s, r in _metrics_by_step(workdir).items() if "eval_loss" in r}
+  root = paths.path(workdir) / "probe"
+  losses = {s: r["eval_loss"] for s, r in metrics_lib.read(workdir).items() if "eval_loss" in r}
   rows = []
   for step in steps:
-    out_dir = os.path.join(root, f"step_{step:07d}")
+    out_dir = root / f"step_{step:07d}"
     table = run(config, workdir, step=step, out_dir=out_dir)["pretrained"]
-    shutil.rmtree(os.path.join(out_dir, "features"))
+    (out_dir / "features").rmtree()
     rows.append({"step": step, "probe_accuracy": table["best_accuracy"],
                  "probe_layer": table["best_layer"],
                  **{f"probe_accuracy_layer{l:02d}": r["accuracy"]
                     for l, r in table["layers"].items()},
                  **({"eval_loss": losses[step]} if step in losses else {})})
-  write_json(os.path.join(root, "checkpoints.json"), rows)
+  write_json(root / "checkpoints.json", rows)
   if missing := [r["step"] for r in rows if "eval_loss" not in r]:
     logging.warning("metrics.jsonl of %s has no held-out loss at steps %s: they are left out "
                     "of probe_vs_loss.png", workdir, missing)
   if plotted := [r for r in rows if "eval_loss" in r]:
-    plot_probe_vs_loss(os.path.join(root, "probe_vs_loss.png"), plotted)
+    plot_probe_vs_loss(root / "probe_vs_loss.png", plotted)
   return rows
 
 
@@ -643,19 +645,10 @@ def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable
   return evaluate
 
 
-def _metrics_by_step(workdir: str) -> dict[int, dict]:
-  """The last metrics.jsonl record of each step (a resumed run logs some steps twice)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):  # converted weights, a run from elsewhere
-    return {}
-  with open(path) as f:
-    return {r["step"]: r for r in map(json.loads, f)}
-
-
 def _probe_rows(workdir: str) -> list[dict]:
   """metrics.jsonl rows holding both a probe and a held-out loss (last record of each step)."""
-  rows = _metrics_by_step(workdir)
-  return [rows[s] for s in sorted(rows) if "probe_accuracy" in rows[s] and "eval_loss" in rows[s]]
+  rows = metrics_lib.read(workdir)
+  return [r for r in rows.values() if "probe_accuracy" in r and "eval_loss" in r]
 
 
 def plot_probe_vs_loss(path: str, rows: Sequence[Mapping]) -> None:
@@ -682,7 +675,7 @@ def plot_probe_vs_loss(path: str, rows: Sequence[Mapping]) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  paths.write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
   plt.close(fig)
 
 
@@ -691,6 +684,6 @@ def write_probe_vs_loss(workdir: str) -> str | None:
   rows = _probe_rows(workdir)
   if not rows:
     return None
-  path = os.path.join(workdir, "probe_vs_loss.png")
+  path = os.fspath(paths.path(workdir) / "probe_vs_loss.png")
   plot_probe_vs_loss(path, rows)
   return path

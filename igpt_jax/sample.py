@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
 from igpt_jax.model import IGPT, IGPTConfig, check_tokens, grow_cache, init_cache
 
@@ -214,7 +215,7 @@ def grid_image(rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
 
 
 def save_grid(path, rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
-  """Writes `grid_image(rows)` as a PNG at path and returns it."""
+  """Writes `grid_image(rows)` as a PNG at path (local or gs://) and returns it."""
   grid = grid_image(rows, pad=pad, scale=scale)
-  Image.fromarray(grid).save(path, format="PNG")
+  paths.write_with(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
   return grid

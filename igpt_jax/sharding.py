@@ -43,27 +43,57 @@ RULES = (
 # A plain multi-host launch names the job itself; jax reads the first from the environment but
 # not the other two, so all three are passed to `jax.distributed.initialize` explicitly.
 PROCESS_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-# Set by clusters whose layout jax detects on its own (SLURM, Cloud TPU pods and multislice).
-CLUSTER_VARIABLES = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# Set by clusters whose layout jax detects on its own: SLURM, Cloud TPU on GKE, multislice.
+CLUSTER_VARIABLES = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                     "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed() -> None:
-  """Joins the multi-process job when the environment describes one.
+def _tpu_chips() -> int:
+  """TPU chips attached to this host (from the PCI bus; no backend is started)."""
+  from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+  return hardware_utils.num_available_tpu_chips_and_device_id()[0]
 
-  Cloud TPU pods and SLURM clusters are detected by jax itself; a plain multi-host launch sets
-  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+
+def launch_kind(env=None) -> str | None:
+  """How this process joins a multi-process job: "explicit" (the PROCESS_VARIABLES), "cluster"
+  (jax detects the layout itself) or None (one process on its own).
+
+  A Cloud TPU VM made with `gcloud compute tpus tpu-vm create` (or a queued resource) sets no
+  variable: its worker number and the slice's hosts are in the VM's metadata, which jax's GCE
+  TPU cluster reads. So a host with TPU chips is a "cluster" unless TPU_SKIP_MDS_QUERY (jax's own
+  switch) says there is no metadata to ask; a one-host slice then becomes a job of one process.
+  Without the distributed client a multi-host slice still trains, but orbax's
+  `reached_preemption` stays False and a preempted pod never saves.
   """
-  env = os.environ
+  env = os.environ if env is None else env
   given = [k for k in PROCESS_VARIABLES if k in env]
   if given:
     if len(given) < len(PROCESS_VARIABLES):
       missing = [k for k in PROCESS_VARIABLES if k not in env]
       raise ValueError(f"a multi-process launch sets all of {', '.join(PROCESS_VARIABLES)}; "
                        f"{', '.join(given)} set but {', '.join(missing)} missing")
+    return "explicit"
+  if any(k in env for k in CLUSTER_VARIABLES):
+    return "cluster"
+  if "TPU_SKIP_MDS_QUERY" not in env and _tpu_chips():
+    return "cluster"
+  return None
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins the multi-process job when this host is part of one (see `launch_kind`).
+
+  Cloud TPU slices (VM metadata, GKE, multislice) and SLURM clusters are detected by jax itself;
+  a plain multi-host launch sets JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  env = os.environ
+  kind = launch_kind(env)
+  if kind == "explicit":
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
                                process_id=int(env["JAX_PROCESS_ID"]))
-  elif any(k in env for k in CLUSTER_VARIABLES):
+  elif kind == "cluster":
     jax.distributed.initialize()
   else:
     return

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 import signal
 import threading
 import time
@@ -49,8 +47,10 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import console
 from igpt_jax import data as data_lib
 from igpt_jax import finetune as finetune_lib
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax import probe as probe_lib
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding as sharding_lib
@@ -83,31 +83,6 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-class _Writer:
-  """metrics.jsonl + TensorBoard scalars, written by process 0 only."""
-
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    if self.active:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.tb = SummaryWriter(workdir)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-
-  def write(self, step: int, scalars: dict) -> None:
-    if not self.active:
-      return
-    for k, v in scalars.items():
-      self.tb.add_scalar(k, v, step)
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self.jsonl.flush()
-    self.tb.flush()
-
-  def close(self):
-    if self.active:
-      self.tb.close()
-      self.jsonl.close()
 
 
 def save_samples(path: str, cfg, params, palette, rng, prompts, mesh) -> None:
@@ -149,7 +124,7 @@ def _model(config, workdir: str):
   if set(fields) - set(runtime):
     raise ValueError(f"fine-tuning takes the model of {config.init_workdir}; config.model may "
                      f"only set {ckpt_lib.RUNTIME_FIELDS}, got {sorted(fields)}")
-  cfg = cfg.replace(**runtime, n_classes=config.n_classes)
+  cfg = ckpt_lib.for_this_host(cfg, **runtime).replace(n_classes=config.n_classes)
   palette = palette_lib.check_palette(np.asarray(meta["palette"], np.float32))
 
   def params():  # read only for a fresh start, not on resume
@@ -178,9 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (resuming from workdir's newest readable checkpoint); -> the last logged scalars,
   plus `best_step` and `best_eval_accuracy` when fine-tuning."""
   finetuning = bool(config.init_workdir)
-  cfg, palette, init_params = _model(config, workdir)
+  configured, palette, init_params = _model(config, workdir)  # what the checkpoints record
   mesh = sharding_lib.make_mesh(config.mesh)
-  cfg = steps_lib.for_mesh(cfg, mesh)
+  cfg = steps_lib.for_mesh(configured, mesh)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if config.batch_size % config.accum_steps:
     raise ValueError(f"batch_size={config.batch_size} does not split into "
@@ -189,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 config.grad_clip, config.schedule)
   mngr = ckpt_lib.manager(workdir, keep=config.keep_checkpoints,
                           best_metric=ckpt_lib.BEST_METRIC if finetuning else None)
-  writer = _Writer(workdir)
+  writer = metrics_lib.Writer(workdir, active=jax.process_index() == 0)
   tokens_per_step = config.batch_size * cfg.n_ctx
   logging.info("model %s: %.2fM parameters, mesh %s", cfg, model_lib.param_count(cfg) / 1e6,
                dict(mesh.shape))
@@ -202,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       abstract = steps_lib.abstract_train_state(cfg, tx, mesh)
       params, opt_state, meta = ckpt_lib.restore(
           mngr, abstract.params, abstract.opt_state, cfg,
-          set_aside=os.path.join(workdir, "unreadable_checkpoints"))
+          set_aside=paths.path(workdir) / "unreadable_checkpoints")
       start = meta["step"]
       if meta["data_position"] != start:
         raise ValueError(f"checkpoint {start} records data position {meta['data_position']}")
@@ -309,12 +284,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if prompts is None:
           prompts = np.asarray(next(iter(eval_iters()))["tokens"][:4])
         with console.status(f"drawing samples at step {step}"):
-          save_samples(os.path.join(workdir, f"samples_{step:07d}.png"), cfg, state.params,
+          save_samples(paths.path(workdir) / f"samples_{step:07d}.png", cfg, state.params,
                        palette, jax.random.fold_in(jax.random.key(config.seed + 2), step),
                        prompts, mesh)
       early_stop = accuracy is not None and 0 < config.patience <= loop["stale"]
       if due["checkpoint"] or due["preempted"] or accuracy is not None:
-        meta = ckpt_lib.make_meta(cfg, palette, step, ckpt_lib.to_jsonable(config), loop)
+        meta = ckpt_lib.make_meta(configured, palette, step, ckpt_lib.to_jsonable(config), loop)
         ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=True,
                       metrics=None if accuracy is None else {ckpt_lib.BEST_METRIC: accuracy})
       if due["preempted"]:
@@ -329,7 +304,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   mngr.wait_until_finished()
   mngr.close()
-  writer.close()
   if probe and jax.process_index() == 0:
     probe_lib.write_probe_vs_loss(workdir)
   if finetuning:

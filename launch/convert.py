@@ -10,10 +10,9 @@ r"""Converts released iGPT weights (Hugging Face or OpenAI's TF release) to an i
 `igpt_jax.checkpoint.load` (and so launch/sample.py, probe.py, finetune.py) reads, plus the
 palette as `palette.npy`. `--tf_checkpoint` reads OpenAI's own release
 (github.com/openai/image-gpt: `download.py` fetches `model.ckpt-1000000.*` and
-`kmeans_centers.npy`, the palette); reading it needs tensorflow (the `data` extra).
+`kmeans_centers.npy`, the palette); reading it needs tensorflow (the `data` extra). Every path
+may be local or in a bucket (gs://).
 """
-
-import os
 
 from absl import app
 from absl import flags
@@ -23,6 +22,7 @@ from igpt_jax import checkpoint
 from igpt_jax import console
 from igpt_jax import convert
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax.model import param_count
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face ImageGPT checkpoint directory.")
@@ -58,10 +58,9 @@ def main(argv):
                          "(kmeans_centers.npy for OpenAI's release)")
   palette = palette_lib.check_palette(palette, k=cfg.vocab_size)
   logging.info("converted %s: %s, %.1fM parameters", source, cfg, param_count(cfg) / 1e6)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
   with console.status(f"writing the checkpoint to {_WORKDIR.value}"):
     checkpoint.save_params(_WORKDIR.value, cfg, params, palette)
-  palette_lib.save_palette(os.path.join(_WORKDIR.value, "palette.npy"), palette)
+  palette_lib.save_palette(paths.path(_WORKDIR.value) / "palette.npy", palette)
   logging.info("wrote %s", _WORKDIR.value)
 
 

@@ -24,6 +24,7 @@ import jax
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import train
 from launch import train as train_script  # defines --config and --workdir
@@ -31,7 +32,8 @@ from launch import train as train_script  # defines --config and --workdir
 
 def test_accuracy(config, workdir: str) -> float:
   """Accuracy of workdir's best checkpoint on config.test_split."""
-  cfg, params, palette = checkpoint.load(workdir, "best")
+  runtime = {k: v for k, v in dict(config.model).items() if k in ("attention", "dtype")}
+  cfg, params, palette = checkpoint.load(workdir, "best", **runtime)
   mesh = sharding.make_mesh(config.mesh)
   batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
                               palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
@@ -52,8 +54,7 @@ def main(argv):
   if config.test_split:
     results["test_accuracy"] = test_accuracy(config, workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "finetune_results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    paths.write_json(paths.path(workdir) / "finetune_results.json", results, indent=2)
   print(json.dumps(results))
 
 

@@ -32,7 +32,7 @@ _SPLIT = flags.DEFINE_string("split", None, "Split to read (default: config.data
                              "else 'train').")
 _N_PX = flags.DEFINE_integer("n_px", None, "Resize images to n_px first (default: "
                              "config.model.n_px; none keeps the stored size).")
-_OUT = flags.DEFINE_string("out", None, "Where to save the (k, 3) palette (.npy).")
+_OUT = flags.DEFINE_string("out", None, "Where to save the (k, 3) palette (.npy), local or gs://.")
 _K = flags.DEFINE_integer("k", 512, "Number of colours (the model's vocab_size).")
 _IMAGES = flags.DEFINE_integer("images", 5000, "Images to read from the start of the split.")
 _N_PIXELS = flags.DEFINE_integer("n_pixels", 1_000_000, "Pixels sampled from them for k-means.")

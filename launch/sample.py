@@ -5,14 +5,15 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
       --samples_per_image=4 --prefix_rows=16 --out=/tmp/completions
 
 `--workdir` is a training run or the output of launch/convert.py (read with
-`igpt_jax.checkpoint.load`). Writes `samples.png` + `samples.npy` (tokens [num, T]), or
+`igpt_jax.checkpoint.load`), local or gs://; `--out` may be either too. `--attention` and
+`--dtype` override how the saved model runs here (default: as saved, with a kernel this host
+cannot run, such as a TPU run's splash, replaced by "auto"). Writes `samples.png` +
+`samples.npy` (tokens [num, T]), or
 `completions.png` (rows: input | completions | original) + `completions.npy` (tokens
 [num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
 batch is split over as many of them as divide it evenly; on a CPU host every core is one device
 (`sharding.use_one_cpu_device_per_core`), since one XLA CPU device decodes on about one core.
 """
-
-import os
 
 from absl import app
 from absl import flags
@@ -24,6 +25,7 @@ from igpt_jax import checkpoint
 from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
+from igpt_jax import paths
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
 
@@ -45,6 +47,10 @@ _PREFIX_ROWS = flags.DEFINE_integer("prefix_rows", None,
 _PREFIX_FRACTION = flags.DEFINE_float("prefix_fraction", None,
                                       "Or the fraction of rows given (instead of prefix_rows).")
 _SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest neighbour).")
+_ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "blocked", "xla", "cudnn", "splash"],
+                               "Attention kernel (default: the checkpoint's, for this host).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                           "Compute dtype (default: the checkpoint's).")
 
 
 def main(argv):
@@ -54,9 +60,9 @@ def main(argv):
   sharding.use_one_cpu_device_per_core()
   sharding.require_one_process("launch/sample.py")  # every process would write the same files
   with console.status(f"loading {_WORKDIR.value}"):
-    cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "samples")
-  os.makedirs(out, exist_ok=True)
+    cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value,
+                                           attention=_ATTENTION.value, dtype=_DTYPE.value)
+  out = paths.path(_OUT.value or paths.path(_WORKDIR.value) / "samples")
   rng = jax.random.key(_SEED.value)
   kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
 
@@ -64,8 +70,8 @@ def main(argv):
     with console.status(f"sampling {_NUM.value} images of {cfg.n_ctx} tokens"):
       tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
                                             mesh=sharding.data_mesh(_NUM.value), **kw))
-    np.save(os.path.join(out, "samples.npy"), tokens)
-    path = os.path.join(out, "samples.png")
+    paths.save_npy(out / "samples.npy", tokens)
+    path = out / "samples.png"
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
                          scale=_SCALE.value)
     logging.info("wrote %d samples to %s", len(tokens), path)
@@ -87,9 +93,9 @@ def main(argv):
     completions = np.asarray(sample_lib.complete(
         cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
         mesh=sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
-  np.save(os.path.join(out, "completions.npy"), completions)
-  np.save(os.path.join(out, "originals.npy"), originals)
-  path = os.path.join(out, "completions.png")
+  paths.save_npy(out / "completions.npy", completions)
+  paths.save_npy(out / "originals.npy", originals)
+  path = out / "completions.png"
   sample_lib.save_grid(path, sample_lib.completion_rows(originals, completions, prefix_len,
                                                         palette, cfg.n_px), scale=_SCALE.value)
   logging.info("wrote completions of %d images (%d of %d tokens given) to %s", len(originals),

@@ -1,5 +1,7 @@
 r"""Trains iGPT: `python -m launch.train --config experiments/cifar10_tiny.py --workdir W`.
 
+W may be local or in a bucket (`--workdir gs://bucket/run`): everything the run writes goes there.
+
 Pretrains, or fine-tunes when the config names `init_workdir` (see launch/finetune.py); resumes
 from the newest readable checkpoint in the workdir. Override config fields on the command line,
 e.g. `--config.total_steps=100`. When the config names no palette file and the workdir has none,
@@ -21,12 +23,14 @@ from absl import logging
 from ml_collections import config_flags
 
 from igpt_jax import console
+from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here: a "
+                                "local directory or a bucket (gs://bucket/run).")
 
 
 def run(config, workdir: str) -> dict:
@@ -35,7 +39,7 @@ def run(config, workdir: str) -> dict:
   if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
     sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding.maybe_initialize_distributed()
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
   return train.train_and_evaluate(config, workdir)
 
 

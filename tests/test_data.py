@@ -228,7 +228,7 @@ def test_tfds_pipelines_on_mock_data(name):
 
 @pytest.mark.parametrize("cfg, kw, match", [
     ({"name": "imagenet9000"}, {}, "imagenet2012, imagenet_resized/32x32"),
-    ({"name": "/no/such/images.npz"}, {}, "no such local file"),
+    ({"name": "/no/such/images.npz"}, {}, "no such file or directory"),
     ({"name": "cifar10", "data_dir": "/no/such/dir"}, {}, "data_dir"),
     ({"name": "cifar10", "shuffle_bufer": 5}, {}, "shuffle_bufer"),
     ({"name": "cifar10", "augment": "flip"}, {}, "augment"),

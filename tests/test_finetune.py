@@ -16,6 +16,7 @@ import pytest
 from igpt_jax import checkpoint
 from igpt_jax import data
 from igpt_jax import finetune
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax import steps
@@ -110,7 +111,7 @@ def finetune_config(pretrained, **overrides):
 def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
   workdir = str(tmp_path / "ft")
   last = train.train_and_evaluate(finetune_config(pretrained), workdir)
-  lines = [json.loads(l) for l in open(tmp_path / "ft" / "metrics.jsonl")]
+  lines = list(metrics_lib.read(tmp_path / "ft").values())
   evals = {l["step"]: l["eval_accuracy"] for l in lines if "eval_accuracy" in l}
   assert sorted(evals) == [2, 4, 6] and all("eval_loss" in l for l in lines if l["step"] in evals)
   assert all("train_loss" in l and "train_clf_loss" in l for l in lines)
@@ -135,7 +136,7 @@ def test_finetune_stops_after_patience(pretrained, tmp_path):
   config = finetune_config(pretrained, lr=0.0, total_steps=20, patience=1)
   last = train.train_and_evaluate(config, str(tmp_path))
   assert last["best_step"] == 2
-  assert max(json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")) == 4
+  assert max(metrics_lib.read(tmp_path)) == 4
 
 
 # -- through launch/finetune.py, with preemption ---------------------------------------------
@@ -171,7 +172,7 @@ def test_finetune_resumes_exactly_after_sigterm(pretrained, tmp_path):
   proc = launch_finetune(pretrained, cut)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0 and f"resumed from step {resumed_from}" in err, err[-3000:]
-  want, got = test_train.read_metrics(whole), test_train.read_metrics(cut)
+  want, got = metrics_lib.read(whole), metrics_lib.read(cut)
   after = range(resumed_from + 1, FT_STEPS + 1)
   for key in ("train_loss", "train_clf_loss"):
     np.testing.assert_allclose([got[s][key] for s in after], [want[s][key] for s in after],

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import sharding
-from test_train import REPO, TINY, files, read_metrics  # pylint: disable=unused-import
+from test_train import REPO, TINY, files  # pylint: disable=unused-import
 
 STEPS = 40  # tiny steps are fast: room for the hosts to agree on a step to stop at
 
@@ -78,9 +79,8 @@ def test_two_processes_train_as_one_job(uninterrupted_pair):
 @pytest.mark.slow
 def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair):
   procs = launch_pair(files, tmp_path)
-  metrics = os.path.join(tmp_path, "metrics.jsonl")
   while all(p.poll() is None for p in procs):
-    if os.path.exists(metrics) and max(read_metrics(tmp_path), default=0) >= 4:
+    if max(metrics_lib.read(tmp_path), default=0) >= 4:
       for p in procs:  # a pod's preemption notice reaches every host
         p.send_signal(signal.SIGTERM)
       break
@@ -93,7 +93,7 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
   errs = finish(launch_pair(files, tmp_path))
   assert all(f"resumed from step {resumed_from}" in e for e in errs)
   assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == STEPS
-  want, got = read_metrics(uninterrupted_pair[0]), read_metrics(tmp_path)
+  want, got = metrics_lib.read(uninterrupted_pair[0]), metrics_lib.read(tmp_path)
   assert sorted(got) == list(range(1, STEPS + 1))
   steps = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in steps],
@@ -135,3 +135,65 @@ def test_clusters_are_left_to_jax(initialize, monkeypatch):
   monkeypatch.setenv("SLURM_NTASKS", "2")
   sharding.maybe_initialize_distributed()
   assert initialize == [{}]  # jax reads SLURM's (or the TPU pod's) own variables
+
+
+# Hosts as jax's cluster detection sees them, faked: (variables, TPU chips, VM metadata or None
+# where the metadata server has no TPU attributes). A v5p-64 slice: 4 hosts; this is worker 2.
+_WORKERS = "10.0.0.1,10.0.0.2,10.0.0.3,10.0.0.4"
+_GCE = {"agent-worker-number": "2", "worker-network-endpoints": _WORKERS, "tpu-env": ""}
+HOSTS = {
+    "cpu host": ({}, 0, None),
+    "Cloud TPU VM (gcloud tpu-vm create)": ({}, 4, _GCE),
+    "TPU on GKE": ({"TPU_WORKER_HOSTNAMES": _WORKERS, "TPU_WORKER_ID": "2"}, 4, None),
+    "multislice": ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1", "MEGASCALE_NUM_SLICES": "2",
+                    "MEGASCALE_SLICE_ID": "1"}, 4, _GCE),
+    "SLURM": ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
+               "SLURM_LOCALID": "0", "SLURM_STEP_NODELIST": "node[1-4]"}, 0, None),
+}
+
+
+@pytest.fixture
+def host(request, monkeypatch):
+  """The faked host named by the test's parameter."""
+  from jax._src.clusters import cloud_tpu_cluster  # pylint: disable=import-outside-toplevel
+  env, chips, metadata = HOSTS[request.param]
+  for k in list(os.environ):
+    if k.startswith(("SLURM_", "TPU_", "MEGASCALE_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES",
+                     "JAX_PROCESS_ID", "OMPI_", "KUBERNETES_")):
+      monkeypatch.delenv(k)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.setattr(sharding, "_tpu_chips", lambda: chips)
+  monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", chips > 0)
+  monkeypatch.setattr(cloud_tpu_cluster, "get_metadata",
+                      lambda key: (metadata[key], 200) if metadata else ("", 404))
+
+
+@pytest.mark.parametrize("host", HOSTS, indirect=True)
+def test_launch_kind_joins_wherever_jax_detects_a_cluster(host):
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  kinds = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+  detected = [c.__name__ for c in kinds if not c.opt_in_only_method and c.is_env_present()]
+  assert (sharding.launch_kind() == "cluster") == bool(detected), detected
+
+
+@pytest.mark.parametrize("host", ["Cloud TPU VM (gcloud tpu-vm create)", "multislice"],
+                         indirect=True)
+def test_a_tpu_vm_without_variables_joins_its_whole_slice(initialize, host):
+  """The slice's layout comes from the VM metadata alone: jax finds every host in it."""
+  from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  sharding.maybe_initialize_distributed()
+  assert initialize == [{}]
+  address, count, index, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, None, None, 10)
+  slices = int(os.environ.get("MEGASCALE_NUM_SLICES", 1))
+  assert address == "10.0.0.1:8482" and count == 4 * slices
+  assert index == 2 + 4 * int(os.environ.get("MEGASCALE_SLICE_ID", 0))
+
+
+def test_skip_mds_query_keeps_a_tpu_host_alone(initialize, monkeypatch):
+  monkeypatch.setattr(sharding, "_tpu_chips", lambda: 4)
+  monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # jax's own: no metadata to ask
+  assert sharding.launch_kind() is None
+  monkeypatch.delenv("TPU_SKIP_MDS_QUERY")
+  assert sharding.launch_kind() == "cluster"

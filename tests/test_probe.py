@@ -56,7 +56,7 @@ def test_write_features_streams_valid_rows(params, tmp_path):
               "labels": np.concatenate([labels, labels[:4]])[i:i + 8],
               "valid": valid[i:i + 8]} for i in (0, 8)]
   featurize = probe.featurizer(CFG, params, [0, 2])
-  paths = probe.write_features(batches, featurize, str(tmp_path), "test")
+  paths = probe.write_features(batches, featurize, str(tmp_path), "test", rows=12)
   assert set(paths) == {0, 2, "labels"}
   assert paths[2] == str(tmp_path / "test_layer02.npy")
   np.testing.assert_array_equal(np.load(paths["labels"]), labels)

@@ -1,7 +1,6 @@
 """Optimizer, losses, the training loop's outputs, exact resume, and start-up errors."""
 
 import importlib.util
-import json
 import math
 import os
 import pathlib
@@ -18,6 +17,7 @@ import optax
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import steps
@@ -47,12 +47,6 @@ def tiny_config(files, **overrides):
   config.data.name, config.palette = str(files[0]), str(files[1])
   config.update(overrides)
   return config
-
-
-def read_metrics(workdir):
-  """{step: record}; a step logged twice (before and after a resume) keeps its last record."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r for r in map(json.loads, f)}
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -177,7 +171,7 @@ def test_unreadable_newest_checkpoint_is_skipped(files, tmp_path, caplog):
   assert "moved unreadable checkpoint 20" in caplog.text
   assert os.path.isdir(tmp_path / "run" / "unreadable_checkpoints" / "20")  # kept, not deleted
   assert checkpoint.manager(run, read_only=True).all_steps() == [10, 20, 30]
-  want, got = read_metrics(whole), read_metrics(run)
+  want, got = metrics_lib.read(whole), metrics_lib.read(run)
   np.testing.assert_allclose([got[s]["train_loss"] for s in range(11, 31)],
                              [want[s]["train_loss"] for s in range(11, 31)], rtol=0, atol=1e-6)
   corrupt(run, 30)
@@ -209,8 +203,7 @@ def interrupt(proc, workdir, sig, after_step):
   """Sends sig once metrics.jsonl shows after_step; -> the process's stderr."""
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and max(
-        read_metrics(workdir), default=0) >= after_step:
+    if max(metrics_lib.read(workdir), default=0) >= after_step:
       proc.send_signal(sig)
       break
     time.sleep(0.02)
@@ -231,7 +224,7 @@ def uninterrupted(files, tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
-  metrics = read_metrics(uninterrupted)
+  metrics = metrics_lib.read(uninterrupted)
   assert sorted(metrics) == list(range(1, STEPS + 1))
   assert all(math.isfinite(r["train_loss"]) for r in metrics.values())
   assert "eval_loss" in metrics[30] and "eval_loss" in metrics[STEPS]
@@ -265,7 +258,7 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   assert proc.returncode == 0, err[-3000:]
   assert f"resumed from step {resumed_from}" in err
 
-  want, got = read_metrics(uninterrupted), read_metrics(tmp_path)
+  want, got = metrics_lib.read(uninterrupted), metrics_lib.read(tmp_path)
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_allclose([got[s]["train_loss"] for s in after],
                              [want[s]["train_loss"] for s in after], rtol=0, atol=1e-6)
