@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from igpt_jax import sharding as sharding_lib
 
 # Fields that change how a model runs, not what it is: a run may resume with other values.
 RUNTIME_FIELDS = ("dtype", "remat", "attention")
@@ -186,10 +187,15 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
   return newest_readable(mngr, read, set_aside)[1]
 
 
-def _single_device_target(cfg: model_lib.IGPTConfig):
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                      _abstract_params(cfg))
+def _params_target(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh | None):
+  """Where `load` puts the parameters: sharded over mesh, or on the first local device."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, _abstract_params(cfg))
+  else:
+    shardings = sharding_lib.param_shardings(cfg, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      _abstract_params(cfg), shardings)
 
 
 def _abstract_params(cfg: model_lib.IGPTConfig):
@@ -251,18 +257,20 @@ def read_meta(workdir: str, step: int | str | None = None) -> dict:
   return meta
 
 
-def load(workdir: str, step: int | str | None = None):
+def load(workdir: str, step: int | str | None = None, *, mesh: jax.sharding.Mesh | None = None):
   """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint.
 
   step: an int, "best" (highest held-out accuracy) or None (the newest readable one).
-  Parameters only (no optimizer state), on the first local device.
+  Parameters only (no optimizer state), on the first local device, or with `mesh` (a
+  `sharding.make_mesh` mesh) restored straight into their training layout over it
+  (`sharding.param_shardings`): no device ever holds all of a model too big for one.
   """
   mngr, step = _open(workdir, step)
 
   def read(step):
     meta = _read_meta(mngr, step)
     cfg = model_lib.IGPTConfig.from_dict(meta["model"])
-    params = _read(mngr, step, params=ocp.args.StandardRestore(_single_device_target(cfg)))
+    params = _read(mngr, step, params=ocp.args.StandardRestore(_params_target(cfg, mesh)))
     return cfg, params["params"], meta
 
   cfg, params, meta = _read_one(mngr, step, read)
