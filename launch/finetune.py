@@ -31,12 +31,11 @@ from launch import train as train_script  # defines --config and --workdir
 
 def test_accuracy(config, workdir: str) -> float:
   """Accuracy of workdir's best checkpoint on config.test_split."""
-  cfg, params, palette = checkpoint.load(workdir, "best")
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, dcn_shape=config.dcn_mesh)
+  cfg, params, palette = checkpoint.load(workdir, "best", mesh=mesh)
   batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
                               palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     return train.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
 
 
