@@ -13,6 +13,7 @@ them. TQDM_DISABLE=1 turns them off.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib.metadata
 import logging
@@ -40,14 +41,24 @@ def _has_tpu_chips() -> bool:
 
 
 def _has_accelerator_plugin() -> bool:
-  """Whether a PJRT plugin (CUDA, ROCm, ...) is installed; libtpu is not loaded as one."""
+  """Whether a PJRT plugin (CUDA, ROCm, ...) is installed and its driver with it; libtpu is not
+  loaded as one. The CUDA plugin alone (the gpu-plan extra, for compile-only GPU plans) does
+  not count on a host without the NVIDIA driver: there the CPU is all there is to use."""
   try:
     import jax_plugins  # pylint: disable=import-outside-toplevel
-    if any(pkgutil.iter_modules(jax_plugins.__path__)):
-      return True
+    names = {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
   except ImportError:
-    pass
-  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+    names = set()
+  names |= {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+  return any(not name.startswith(("xla_cuda", "cuda")) or _has_nvidia_driver() for name in names)
+
+
+def _has_nvidia_driver() -> bool:
+  try:
+    ctypes.CDLL("libcuda.so.1")
+  except OSError:
+    return False
+  return True
 
 
 class _ConsoleFilter(logging.Filter):

@@ -220,10 +220,11 @@ def estimated_step_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGP
   not positive (libtpu 0.0.42 returns negative ones for v6e) or the two do not increase (no
   extrapolation to trust).
   """
+  direct = float(compiled.cost_analysis()["optimal_seconds"])
+  if direct <= 0:  # the unrolled compiles would not be trusted either
+    return None, f"the compiler's estimate for the step is {direct:.4g} s (not positive): none"
   if not cfg.scan_layers and config.accum_steps == 1:
-    one = float(compiled.cost_analysis()["optimal_seconds"])
-    return (one, "the compiled step's") if one > 0 else (
-        None, f"the compiler's estimate is {one:.4g} s (not positive): none")
+    return direct, "the compiled step's"
   one, two = (float(lower_train_step(_unrolled(config, n), mesh)[2].compile()
                     .cost_analysis()["optimal_seconds"]) for n in (1, 2))
   if not 0 < one < two:
