@@ -189,8 +189,8 @@ def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interp
 
   Under a mesh (`jax.set_mesh`) the kernel runs per device inside `jax.shard_map`, with the batch
   split over the mesh's data/fsdp axes and the heads over `tensor`; T must then be whole on each
-  device. `block` is the widest tile edge (see `splash_block`). interpret=True runs the kernel's Pallas
-  interpreter (any backend; slow; for tests).
+  device. `block` is the widest tile edge (see `splash_block`). interpret=True runs the
+  kernel's Pallas interpreter (any backend; slow; for tests).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])

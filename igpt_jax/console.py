@@ -27,6 +27,8 @@ from absl import logging as absl_logging
 import jax
 import tqdm
 
+import igpt_jax
+
 # Source directories whose INFO lines are ours (a checkout also has launch/ and bench/).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("igpt_jax", "launch", "bench"))
@@ -101,6 +103,13 @@ def setup() -> None:
     # from initialising on a host without TPU chips: it would print its own start-up errors to
     # stderr, past any logging filter, and hold /tmp/libtpu_lockfile while the run lasts.
     jax.config.update("jax_platforms", "cpu")
+  if jax.config.jax_platforms:
+    # The platforms are fixed, so registering jax's plugins now changes nothing (a plugin
+    # outside them is not validated) but keeps the CUDA plugin's no-driver notice, which it
+    # logs when registered, off the console. jax registers them once, at its first backend.
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    with igpt_jax.without_driver_notices():
+      getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
 
 

@@ -1,4 +1,4 @@
-"""Plans every program of a run for a TPU slice or GPU hosts, from any host, with the real compilers.
+"""Plans every program of a run for a TPU slice or GPU hosts from any host, with real compilers.
 
 No accelerator is needed. libtpu (the `tpu` extra) compiles ahead of time for a named TPU slice,
 and the CUDA plugin (the `gpu-plan` extra) for NVIDIA GPUs described by XLA's target configs

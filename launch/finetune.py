@@ -17,6 +17,7 @@ import sys
 # `experiments.*` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 import flax.linen as nn

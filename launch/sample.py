@@ -16,6 +16,7 @@ of float32 weights on 16 GB chips).
 
 import os
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 from absl import logging

@@ -134,9 +134,8 @@ def test_options_do_not_change_the_function():
 def test_bf16_logits_are_accumulated_and_returned_in_float32():
   cfg = TINY.replace(dtype="bfloat16")
   params = randomized_params(cfg)
-  hn, logits = M.IGPT(cfg).apply(
-      {"params": params}, tokens_for(cfg),
-      method=lambda m, t: m._head(m._trunk(m._embed(t, None))[0]))  # pylint: disable=protected-access
+  head = lambda m, t: m._head(m._trunk(m._embed(t, None))[0])  # pylint: disable=protected-access
+  hn, logits = M.IGPT(cfg).apply({"params": params}, tokens_for(cfg), method=head)
   assert hn.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
   # The bf16 operands' exact products, summed in float32: not a bf16 result cast up.
   exact = jnp.einsum("bsd,vd->bsv", hn.astype(jnp.float32),
