@@ -81,6 +81,7 @@ class Target:
   slices: int = 1
   gpus_per_host: int = 0  # GPU only
   nvlink_bytes_per_s: float = 0.0  # GPU only
+  hbm_bytes_per_s: float = 0.0  # GPU only (the target config's memory_bandwidth)
 
 
 def _gpu_target(name: str, generation: str, shape: str) -> Target:
@@ -98,9 +99,10 @@ def _gpu_target(name: str, generation: str, shape: str) -> Target:
   except (RuntimeError, NotImplementedError, ValueError) as e:  # no plugin: no "cuda" platform
     raise RuntimeError(f"GPU plans need the CUDA compiler plugin and cuDNN: pip install -e "
                        f"'.[gpu-plan]' ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-  hbm = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
-  return Target(name, tuple(desc.devices), "gpu", hbm, peak, gpus_per_host=per_host,
-                nvlink_bytes_per_s=nvlink)
+  field = lambda name: int(re.search(rf"{name}:\s*(\d+)", text).group(1))
+  return Target(name, tuple(desc.devices), "gpu", field("device_memory_size"), peak,
+                gpus_per_host=per_host, nvlink_bytes_per_s=nvlink,
+                hbm_bytes_per_s=field("memory_bandwidth"))
 
 
 def target(topology: str, slices: int = 1) -> Target:
@@ -234,16 +236,44 @@ def estimated_step_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGP
           "extrapolated from unrolled compiles of 1 and 2 blocks")
 
 
-ROOFLINE = ("roofline, not a measurement: matmul FLOPs (the model's, plus the recomputed "
-            "forward under remat='full') at the GPU's peak dense bf16 rate, plus the step's "
-            "collectives at link bandwidth (NVLink within a host, {network:.0f} GB/s per GPU "
-            "between hosts), not overlapped; element-wise work, HBM traffic and kernel "
-            "efficiency are left out").format(network=NETWORK_BYTES_PER_S / 1e9)
+ROOFLINE = ("roofline, not a measurement: the larger of the matmul FLOPs (the model's, plus the "
+            "recomputed forward under remat='full') at the GPU's peak dense bf16 rate and the "
+            "compiled program's HBM traffic (XLA's cost analysis of the optimised GPU module: "
+            "the bytes each fusion and library call reads and writes) at the GPU's memory "
+            "bandwidth, plus the step's collectives at link bandwidth (NVLink within a host, "
+            "{network:.0f} GB/s per GPU between hosts), not overlapped; kernel efficiency, "
+            "caches and launch overheads are left out").format(network=NETWORK_BYTES_PER_S / 1e9)
+
+
+def hbm_bytes(compiled) -> float | None:
+  """Bytes the compiled program reads and writes per device: XLA's HloCostAnalysis of its
+  optimised module, run by the host's CPU client (the GPU client has no cost analysis)."""
+  try:
+    from jax._src.lib import _jax  # pylint: disable=import-outside-toplevel
+    module = compiled.runtime_executable().hlo_modules()[0]
+    return float(_jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+                 ["bytes accessed"])
+  except (AttributeError, ImportError, KeyError, IndexError, jax.errors.JaxRuntimeError):
+    return None
+
+
+def train_step_bytes(config, cfg: model_lib.IGPTConfig, mesh, compiled) -> float | None:
+  """`hbm_bytes` of one whole train step: a loop body counts once in the cost analysis, so a
+  scanned model or accumulated microbatches are extrapolated from unrolled one-microbatch
+  compiles of 1 and 2 blocks, as `estimated_step_seconds` does."""
+  if not cfg.scan_layers and config.accum_steps == 1:
+    return hbm_bytes(compiled)
+  one, two = (hbm_bytes(lower_train_step(_unrolled(config, n), mesh)[2].compile())
+              for n in (1, 2))
+  if one is None or two is None or not 0 < one < two:
+    return None
+  return config.accum_steps * (one + (cfg.n_layer - 1) * (two - one))
 
 
 def roofline_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGPTConfig, mesh,
-                     tgt: Target) -> float:
-  """The GPU train step's time under `ROOFLINE`'s model.
+                     tgt: Target, step_bytes: float | None) -> float:
+  """The GPU train step's time under `ROOFLINE`'s model (step_bytes: `train_step_bytes`, the
+  memory term; None leaves it out).
 
   Collectives per GPU per step, with P parameters and the mesh (data d, fsdp f, tensor t):
   fsdp all-gathers the parameters for the forward and again for the backward of every
@@ -265,7 +295,8 @@ def roofline_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGPTConfi
                  * jnp.dtype(cfg.dtype).itemsize),
   }
   sizes = dict(zip(sharding_lib.MESH_AXES, (d, f, t)))
-  seconds = flops / (len(tgt.devices) * tgt.peak_flops)
+  seconds = max(flops / (len(tgt.devices) * tgt.peak_flops),
+                (step_bytes or 0.0) / tgt.hbm_bytes_per_s)
   for i, axis in enumerate(sharding_lib.MESH_AXES):
     within_host = math.prod(list(sizes.values())[i:]) <= tgt.gpus_per_host
     seconds += moved[axis] / (tgt.nvlink_bytes_per_s if within_host else NETWORK_BYTES_PER_S)
@@ -393,8 +424,11 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       record["estimate"] = ("the TPU compiler's (cost_analysis optimal_seconds), not a "
                             f"measurement; {how}")
     else:
-      record["estimate"] = ROOFLINE
-      est = roofline_seconds(config, cfg, mesh, tgt)
+      step_bytes = train_step_bytes(config, cfg, mesh, compiled["train"])
+      record["estimate"] = ROOFLINE + ("" if step_bytes else "; the HBM traffic was not "
+                                       "available, so the memory term is left out")
+      record["hbm_gib_per_step"] = round(step_bytes / GIB, 3) if step_bytes else None
+      est = roofline_seconds(config, cfg, mesh, tgt, step_bytes)
     record["estimate_s"] = round(time.perf_counter() - t0, 1)
   record.update(est_step_s=float(f"{est:.4g}") if est else None,
                 est_tokens_per_s=round(tokens / est) if est else None,

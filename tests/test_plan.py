@@ -80,13 +80,23 @@ def test_gpu_plan_compiles_every_program_with_the_xla_gpu_compiler():
   # bf16 picks cuDNN's flash attention, which needs cuDNN at compile time (the extra has it).
   assert {r["attention"] for r in record["programs"].values()} == {"cudnn"}
   mesh = sharding.make_mesh((1, 2, 1), plan.target("h100:2").devices)
-  _, _, lowered = plan.lower("train", config, mesh)
+  cfg, _, lowered = plan.lower("train", config, mesh)
+  compiled = lowered.compile()
   assert record["programs"]["train"]["per_device_gib"] == round(
-      compiled_total(lowered.compile()) / plan.GIB, 3)
-  # The roofline: never faster than the FLOPs at peak; the fsdp gathers make it slower.
+      compiled_total(compiled) / plan.GIB, 3)
+  # The roofline: never faster than the FLOPs at peak or the step's HBM traffic at the
+  # memory bandwidth; the fsdp gathers make it slower still.
   assert record["estimate"] == plan.ROOFLINE
   at_peak = record["flops_per_step"] / (2 * plan.GPUS["h100"][1])
-  assert record["est_step_s"] > at_peak and 0 < record["est_mfu"] < 1
+  traffic = record["hbm_gib_per_step"] * plan.GIB / plan.target("h100:2").hbm_bytes_per_s
+  assert record["est_step_s"] > max(at_peak, traffic) and 0 < record["est_mfu"] < 1
+  # The scanned step's traffic, extrapolated from unrolled 1- and 2-block compiles, is the
+  # unrolled 3-block step's.
+  extrapolated = plan.train_step_bytes(config, cfg, mesh, compiled)
+  assert record["hbm_gib_per_step"] == round(extrapolated / plan.GIB, 3)
+  config.model.scan_layers = False
+  direct = plan.hbm_bytes(plan.lower("train", config, mesh)[2].compile())
+  assert extrapolated == pytest.approx(direct, rel=0.05)
 
 
 @pytest.mark.slow
