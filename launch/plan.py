@@ -1,7 +1,7 @@
 r"""Plans a run on a TPU slice or GPU hosts from any host, with the real XLA compilers (no device).
 
   python launch/plan.py --config experiments/igpt_m.py --topology v5p:4x4x2
-  python launch/plan.py --config experiments/igpt_m.py --topology h100:8 --config.mesh='(1, 8, 1)'
+  python launch/plan.py --config experiments/igpt_m.py --topology h100:8
   python launch/plan.py --config experiments/igpt_l.py --topology v6e:4x8 --slices 2
   python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4 \
       --programs extract,sample
