@@ -356,9 +356,9 @@ def _compile(program: str, config, mesh, tgt: Target) -> tuple[dict, object, obj
 
 def _compile_with_fallback(program: str, config, mesh, tgt: Target):
   """`_compile`; on a GPU whose cuDNN attention fails to compile, again with XLA's attention
-  (the record's `attention_fallback` says why)."""
+  (the record's `attention_fallback` says why). -> (record, cfg, compiled, the config used)"""
   try:
-    return _compile(program, config, mesh, tgt)
+    return (*_compile(program, config, mesh, tgt), config)
   except Exception as e:  # pylint: disable=broad-except
     cfg = steps_lib.for_mesh(model_lib.model_config(config.model), mesh)
     if tgt.platform != "gpu" or cfg.attention != "cudnn":
@@ -369,7 +369,7 @@ def _compile_with_fallback(program: str, config, mesh, tgt: Target):
     rec, cfg, compiled = _compile(program, config, mesh, tgt)
     rec["attention_fallback"] = (f"cudnn did not compile ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:200]}); planned with xla")
-    return rec, cfg, compiled
+    return rec, cfg, compiled, config
 
 
 def plan(config: ml_collections.ConfigDict, topology: str,
@@ -402,12 +402,12 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       flops_per_step=model_lib.flops_per_token(cfg) * tokens, programs={})
   compiled = {}
   for program in programs:
-    rec, program_cfg, compiled[program] = _compile_with_fallback(program, config, mesh, tgt)
+    rec, program_cfg, compiled[program], used = _compile_with_fallback(program, config, mesh,
+                                                                       tgt)
     record["programs"][program] = rec
-    if program == "train":
-      cfg = program_cfg
-  fitting = {p: r for p, r in record["programs"].items() if r["fits"]}
-  record["fits"] = len(fitting) == len(programs)
+    if program == "train":  # the estimate compiles what the train step compiled
+      cfg, train_config = program_cfg, used
+  record["fits"] = all(r["fits"] for r in record["programs"].values())
   largest = max(record["programs"], key=lambda p: (not record["programs"][p]["fits"],
                                                    record["programs"][p]["per_device_gib"] or 0))
   record.update(largest_program=largest,
@@ -420,15 +420,15 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   if compiled.get("train") is not None:
     t0 = time.perf_counter()
     if tgt.platform == "tpu":
-      est, how = estimated_step_seconds(config, cfg, mesh, compiled["train"])
+      est, how = estimated_step_seconds(train_config, cfg, mesh, compiled["train"])
       record["estimate"] = ("the TPU compiler's (cost_analysis optimal_seconds), not a "
                             f"measurement; {how}")
     else:
-      step_bytes = train_step_bytes(config, cfg, mesh, compiled["train"])
+      step_bytes = train_step_bytes(train_config, cfg, mesh, compiled["train"])
       record["estimate"] = ROOFLINE + ("" if step_bytes else "; the HBM traffic was not "
                                        "available, so the memory term is left out")
       record["hbm_gib_per_step"] = round(step_bytes / GIB, 3) if step_bytes else None
-      est = roofline_seconds(config, cfg, mesh, tgt, step_bytes)
+      est = roofline_seconds(train_config, cfg, mesh, tgt, step_bytes)
     record["estimate_s"] = round(time.perf_counter() - t0, 1)
   record.update(est_step_s=float(f"{est:.4g}") if est else None,
                 est_tokens_per_s=round(tokens / est) if est else None,
