@@ -6,9 +6,14 @@ Experiment files start from `get_config()` and override only what differs, with 
   offline machines) when present, else the tfds name "cifar10" (downloaded on first use).
 """
 
+import dataclasses
 import os
+import typing
 
 import ml_collections
+from ml_collections import config_dict
+
+from igpt_jax import model as model_lib
 
 LOCAL_CIFAR10 = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                               "..", "shared", "data", "cifar10", "train.npz"))
@@ -19,15 +24,33 @@ def cifar10() -> str:
   return LOCAL_CIFAR10 if os.path.exists(LOCAL_CIFAR10) else "cifar10"
 
 
+def model_fields() -> ml_collections.ConfigDict:
+  """config.model: `preset` and every IGPTConfig field, all unset (None) but typed, so any of
+  them can be set from the command line (`--config.model.dtype=bfloat16`) on any experiment.
+
+  Unset fields take the preset's value (model.PRESETS), else IGPTConfig's default; probe and
+  fine-tuning runs take them from the checkpoint. Experiments set theirs with `c.model.update`.
+  """
+  types = typing.get_type_hints(model_lib.IGPTConfig)
+  fields = {"preset": config_dict.placeholder(str)}
+  fields.update({f.name: config_dict.placeholder(types[f.name])
+                 for f in dataclasses.fields(model_lib.IGPTConfig)})
+  return ml_collections.ConfigDict(fields)
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # fixes the init, the data order and augmentation, the BERT masks and the samples
 
   # Input (igpt_jax/data.py; unset fields take data.DEFAULTS). Splits use tfds slicing syntax.
   c.data = dict(name="", train_split="train", eval_split="test", augment="none")
-  c.palette = ""  # a (k, 3) .npy, local or gs://; empty: fit one into workdir/palette.npy
-  c.model = {}  # IGPTConfig fields, or preset= plus overrides (model.model_config)
-  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # A (k, 3) .npy of colour centres, local or gs://; empty: fit one into workdir/palette.npy.
+  c.palette = ""
+  c.model = model_fields()  # preset= and IGPTConfig fields; None: unset (model.model_config)
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor) within a slice; -1 takes the remaining devices
+  # Multislice TPU runs: how the slices extend the mesh's axes, (data, fsdp, tensor); -1 takes
+  # the slices present. The default spreads data parallelism across slices (sharding.make_mesh).
+  c.dcn_mesh = (-1, 1, 1)
 
   # Optimisation: the paper's Adam (b1 .9, b2 .95), no weight decay.
   c.total_steps = 1000  # optimizer steps; the run ends (or resumes up to) here

@@ -18,7 +18,7 @@ def get_config():
   # minutes, 6 x 192 for 16) probed 43.2 - 44.8% at their best layer, none peaking mid-depth.
   # 12 layers of width 96 (1.45M parameters), deep enough for a middle and a top, about 0.4
   # steps/s of batch 64 on the 2 cores; 6 layers of width 128 rose to the top (README).
-  c.model = dict(n_px=16, n_layer=12, n_embd=96, n_head=3, attention="auto")
+  c.model.update(n_px=16, n_layer=12, n_embd=96, n_head=3, attention="auto")
   # 76,800 images, 1.9 passes over train[:40000].
   c.total_steps = 1200
   c.batch_size = 64

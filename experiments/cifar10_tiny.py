@@ -20,7 +20,7 @@ def get_config():
   # 8x8 rather than 16x16: a quarter of the tokens per image, so the same CPU minutes show the
   # model four times as many images; raw pixels probe about the same at 8, 12 and 16 px
   # (README, "Evaluation"). 3 wide layers: the probe peaks mid-depth or at the top here.
-  c.model = dict(n_px=8, n_layer=3, n_embd=192, n_head=6, attention="auto")
+  c.model.update(n_px=8, n_layer=3, n_embd=192, n_head=6, attention="auto")
   # One full cosine over 2.9M tokens (44,800 images), as many tokens as the 16x16 demo had.
   c.total_steps = 700
   c.batch_size = 64

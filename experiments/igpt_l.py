@@ -1,6 +1,7 @@
 """iGPT-L (48 layers, D 1536, 1.4B parameters) on ImageNet 32x32: batch 128, 1M steps.
 
-Mesh: fsdp 16 x tensor 2 within slices, data parallel across them; 64-128 chips.
+Mesh: fsdp 16 x tensor 2 within slices, data parallel across them (config.dcn_mesh); 32-128
+chips.
 """
 
 from experiments import imagenet_pretrain

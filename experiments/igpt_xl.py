@@ -2,9 +2,9 @@
 
 Mesh: 64 chips, all fsdp (one 64x64 image per chip: the state is split 64 ways and each chip
 keeps one image's activations), with full remat. Check a slice before renting it:
-`python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4` (the README's plan
-table). More chips: add a tensor axis, e.g. (1, 64, 2) on 128 (the batch of 64 cannot split
-further).
+`python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4`
+(docs/performance.md, "Plans"). More chips: add a tensor axis, e.g. (1, 64, 2) on 128 (the
+batch of 64 cannot split further).
 """
 
 from experiments import imagenet_pretrain

@@ -19,7 +19,7 @@ def get_config(preset: str, *, n_px: int, batch_size: int, total_steps: int, lr:
   c.data = dict(name="imagenet2012", data_dir=None, train_split="train[:96%]",
                 eval_split="train[96%:]", augment="imagenet", shuffle_buffer=50_000)
   c.palette = "kmeans_centers.npy"  # the released palette (or launch/fit_palette.py output)
-  c.model = dict(preset=preset, n_px=n_px, dtype="bfloat16", param_dtype="float32",
+  c.model.update(preset=preset, n_px=n_px, dtype="bfloat16", param_dtype="float32",
                  scan_layers=True, remat=remat, attention="auto")
   c.mesh = mesh  # data x fsdp must divide batch_size
   c.total_steps = total_steps

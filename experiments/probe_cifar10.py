@@ -9,14 +9,18 @@ give the other datasets (experiments/probe_cifar100.py, probe_stl10.py).
 
 import ml_collections
 
+from experiments import base
+
 
 def get_config(dataset: str = "cifar10"):
   c = ml_collections.ConfigDict()
   # The probe makes its own 10% held-out split of train_split to choose the L2 penalty.
   c.data = dict(name=dataset, train_split="train", eval_split="test")
-  # Empty: whatever the checkpoint holds. `attention` / `dtype` override how it runs here
-  # (checkpoint.load); other fields are ones the checkpoint must match.
-  c.model = {}
+  # Unset: the checkpoint's. `attention` / `dtype` override how it runs here (checkpoint.load);
+  # architecture fields set must match the checkpoint.
+  c.model = base.model_fields()
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor) over this host's devices; (1, -1, 1) splits the
+  # parameters over them (iGPT-L / XL on 16 GB chips)
   c.layers = ()  # empty: all, 0..n_layer
   c.reading = "ln1"  # or "residual" (the pre-norm block input)
   c.batch_size = 512

@@ -16,9 +16,10 @@ from experiments import base
 def get_config():
   c = ml_collections.ConfigDict()
   c.data = dict(name=base.cifar10(), train_split="train[:5000]", eval_split="train[40000:]")
-  # Empty: whatever the checkpoint holds. `attention` / `dtype` override how it runs here
-  # (checkpoint.load); other fields are ones the checkpoint must match.
-  c.model = {}
+  # Unset: the checkpoint's. `attention` / `dtype` override how it runs here (checkpoint.load);
+  # architecture fields set must match the checkpoint.
+  c.model = base.model_fields()
+  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor) over this host's devices
   c.layers = ()  # empty: all, 0..n_layer
   # The ln_1 output averaged over each quadrant of the 8x8 image ([4 D] per layer), not over the
   # whole image: on the same demo checkpoint the best layer probed 43.35% against 39.91% with

@@ -35,7 +35,8 @@ from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "splash")
 DEFAULT_BLOCK = 128
-SPLASH_BLOCK = 512  # splash tile edge (q and kv), capped at T; a multiple of 128 for the MXU
+SPLASH_BLOCK = 512  # widest splash tile edge (q and kv); see splash_block
+SPLASH_ALIGN = 128  # splash tiles are multiples of the MXU's 128 lanes
 # The mesh axes the model's batch and heads are split over (sharding.RULES; named here because
 # sharding imports the model, which imports this module).
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
@@ -57,7 +58,7 @@ def resolve(implementation: str, dtype, platform: str | None = None,
     return implementation
   platform = platform or jax.default_backend()
   if platform == "tpu":
-    return "splash" if seq_len is None or seq_len % 128 == 0 else "xla"
+    return "splash" if seq_len is None or seq_len % SPLASH_ALIGN == 0 else "xla"
   if platform != "gpu":
     return "blocked"
   return "cudnn" if jnp.dtype(dtype).itemsize == 2 else "xla"
@@ -158,10 +159,20 @@ def blocked_attention(q, k, v, *, causal: bool, block: int = DEFAULT_BLOCK):
   return jnp.transpose(out, (1, 2, 0, 3))  # [H, B, T, K] -> [B, T, H, K]
 
 
+def splash_block(t: int, largest: int = SPLASH_BLOCK) -> int:
+  """The splash tile edge for sequence length t: the widest multiple of 128 up to `largest`
+  that divides t (512 at T = 1024 and 4096, 384 at 48x48's T = 2304, T itself below 512)."""
+  fits = [b for b in range(SPLASH_ALIGN, min(largest, t) + 1, SPLASH_ALIGN) if t % b == 0]
+  if not fits:
+    raise ValueError(f"splash attention needs a sequence length that is a multiple of "
+                     f"{SPLASH_ALIGN}, got {t} (attention='xla' takes any length)")
+  return fits[-1]
+
+
 def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
   """Splash attention on one device's shard, q/k/v [b, T, h, K] -> [b, T, h, K]."""
   _, t, h, hd = q.shape
-  block = min(block, t)
+  block = splash_block(t, block)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block,
                             block_kv_dkv=block, block_q_dq=block, block_kv_dq=block)
   mask = splash.CausalMask((t, t)) if causal else splash.FullMask((t, t))
@@ -178,8 +189,8 @@ def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interp
 
   Under a mesh (`jax.set_mesh`) the kernel runs per device inside `jax.shard_map`, with the batch
   split over the mesh's data/fsdp axes and the heads over `tensor`; T must then be whole on each
-  device. `block` (capped at T) must divide T. interpret=True runs the kernel's Pallas
-  interpreter (any backend; slow; for tests).
+  device. `block` is the widest tile edge (see `splash_block`). interpret=True runs the
+  kernel's Pallas interpreter (any backend; slow; for tests).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
@@ -196,7 +207,7 @@ def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interp
 def attention(q, k, v, *, causal: bool, implementation: str = "auto",
               platform: str | None = None):
   """q/k/v [B, T, H, K] -> [B, T, H, K] with the named implementation (see `resolve`)."""
-  impl = resolve(implementation, q.dtype, platform)
+  impl = resolve(implementation, q.dtype, platform, seq_len=q.shape[1])
   if impl == "blocked":
     return blocked_attention(q, k, v, causal=causal)
   if impl == "splash":

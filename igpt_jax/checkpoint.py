@@ -46,6 +46,7 @@ import orbax.checkpoint as ocp
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
+from igpt_jax import sharding as sharding_lib
 
 # Fields that change how a model runs, not what it is: a run may resume with other values, and
 # a checkpoint records them as configured (attention "auto"), each host resolving them for itself.
@@ -197,10 +198,15 @@ def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
   return newest_readable(mngr, read, set_aside)[1]
 
 
-def _single_device_target(cfg: model_lib.IGPTConfig):
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                      _abstract_params(cfg))
+def _params_target(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh | None):
+  """Where `load` puts the parameters: sharded over mesh, or on the first local device."""
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, _abstract_params(cfg))
+  else:
+    shardings = sharding_lib.param_shardings(cfg, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      _abstract_params(cfg), shardings)
 
 
 def _abstract_params(cfg: model_lib.IGPTConfig):
@@ -284,13 +290,15 @@ def for_this_host(cfg: model_lib.IGPTConfig, *, attention: str | None = None,
 
 
 def load(workdir: paths.PathLike, step: int | str | None = None, *, attention: str | None = None,
-         dtype: str | None = None):
+         dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
   """-> (IGPTConfig, params, palette float32 [k, 3]) of a run's checkpoint, local or gs://.
 
   step: an int, "best" (highest held-out accuracy) or None (the newest readable one).
   attention, dtype: runtime overrides (see `for_this_host`; the saved values otherwise, with a
   kernel this host cannot run replaced by "auto"). Parameters only (no optimizer state), on the
-  first local device.
+  first local device, or with `mesh` (a `sharding.make_mesh` mesh) restored straight into their
+  training layout over it (`sharding.param_shardings`): no device ever holds all of a model too
+  big for one.
   """
   mngr, step = _open(workdir, step)
 
@@ -298,7 +306,7 @@ def load(workdir: paths.PathLike, step: int | str | None = None, *, attention: s
     meta = _read_meta(mngr, step)
     cfg = for_this_host(model_lib.IGPTConfig.from_dict(meta["model"]), attention=attention,
                         dtype=dtype)
-    params = _read(mngr, step, params=ocp.args.StandardRestore(_single_device_target(cfg)))
+    params = _read(mngr, step, params=ocp.args.StandardRestore(_params_target(cfg, mesh)))
     return cfg, params["params"], meta
 
   cfg, params, meta = _read_one(mngr, step, read)

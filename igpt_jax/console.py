@@ -13,6 +13,7 @@ them. TQDM_DISABLE=1 turns them off.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib.metadata
 import logging
@@ -25,6 +26,8 @@ from typing import Callable, Iterable
 from absl import logging as absl_logging
 import jax
 import tqdm
+
+import igpt_jax
 
 # Source directories whose INFO lines are ours (a checkout also has launch/ and bench/).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +43,24 @@ def _has_tpu_chips() -> bool:
 
 
 def _has_accelerator_plugin() -> bool:
-  """Whether a PJRT plugin (CUDA, ROCm, ...) is installed; libtpu is not loaded as one."""
+  """Whether a PJRT plugin (CUDA, ROCm, ...) is installed and its driver with it; libtpu is not
+  loaded as one. The CUDA plugin alone (the gpu-plan extra, for compile-only GPU plans) does
+  not count on a host without the NVIDIA driver: there the CPU is all there is to use."""
   try:
     import jax_plugins  # pylint: disable=import-outside-toplevel
-    if any(pkgutil.iter_modules(jax_plugins.__path__)):
-      return True
+    names = {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
   except ImportError:
-    pass
-  return bool(importlib.metadata.entry_points(group="jax_plugins"))
+    names = set()
+  names |= {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+  return any(not name.startswith(("xla_cuda", "cuda")) or _has_nvidia_driver() for name in names)
+
+
+def _has_nvidia_driver() -> bool:
+  try:
+    ctypes.CDLL("libcuda.so.1")
+  except OSError:
+    return False
+  return True
 
 
 class _ConsoleFilter(logging.Filter):
@@ -90,6 +103,13 @@ def setup() -> None:
     # from initialising on a host without TPU chips: it would print its own start-up errors to
     # stderr, past any logging filter, and hold /tmp/libtpu_lockfile while the run lasts.
     jax.config.update("jax_platforms", "cpu")
+  if jax.config.jax_platforms:
+    # The platforms are fixed, so registering jax's plugins now changes nothing (a plugin
+    # outside them is not validated) but keeps the CUDA plugin's no-driver notice, which it
+    # logs when registered, off the console. jax registers them once, at its first backend.
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    with igpt_jax.without_driver_notices():
+      getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
 
 

@@ -144,10 +144,16 @@ def preset(name: str, **overrides) -> IGPTConfig:
   return _replace_checked(IGPTConfig(**PRESETS[name]), overrides)
 
 
+def set_fields(fields: Mapping) -> dict:
+  """The fields a run config's `model` entry sets; None means unset (experiments/base.py lists
+  every field as None so that each can be set from the command line)."""
+  return {k: v for k, v in dict(fields).items() if v is not None}
+
+
 def model_config(fields: Mapping) -> IGPTConfig:
-  """A run config's `model` entry -> IGPTConfig: `preset` (igpt_s|m|l|xl) plus overrides, or all
-  fields."""
-  fields = dict(fields)
+  """A run config's `model` entry -> IGPTConfig: `preset` (igpt_s|m|l|xl) plus the fields set,
+  or the fields set over IGPTConfig's defaults."""
+  fields = set_fields(fields)
   name = fields.pop("preset", None)
   return preset(name, **fields) if name else IGPTConfig.from_dict(fields)
 
@@ -247,6 +253,8 @@ class RMSNorm(nn.Module):
   def __call__(self, x):  # [..., D]
     g = self.param("g", _partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],),
                    self.param_dtype)
+    # Statistics in float32 whatever the compute dtype: a bf16 sum of D squares loses the small
+    # terms (and overflows fp16), and the normalised output then feeds every matmul.
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * g.astype(jnp.float32)).astype(self.dtype)
@@ -303,6 +311,8 @@ class Attention(nn.Module):
     head_major = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, S, H, K] -> [B, H, S, K]
     ck.value = jax.lax.dynamic_update_slice(ck.value, head_major(k), (0, 0, index, 0))
     cv.value = jax.lax.dynamic_update_slice(cv.value, head_major(v), (0, 0, index, 0))
+    # Scores and softmax in float32: exp() of bf16 scores would round the probabilities of a
+    # 1024-long row to 8 bits before they are summed.
     scores = jnp.einsum("bshk,bhtk->bhst", q * jnp.asarray(1 / math.sqrt(cfg.head_dim), q.dtype),
                         ck.value, preferred_element_type=jnp.float32)  # [B, H, S, L]
     query_pos = index + jnp.arange(s)
@@ -336,6 +346,8 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_1")(x)
     taps = pooled_taps(cfg, {"ln1": h.astype(jnp.float32), "residual": x})
+    # The residual stream stays float32: each block adds a small update to it, which a bf16
+    # sum would round away after a few dozen blocks.
     x = x + Attention(cfg, name="attn")(h, decode_index=decode_index).astype(x.dtype)
 
     h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ln_2")(x)
@@ -424,9 +436,13 @@ class IGPT(nn.Module):
   def _head(self, h):
     """h [B, S, D] -> (ln_f output [B, S, D], logits [B, S, V] float32)."""
     hn = self.ln_f(h)
-    logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype))
-    return hn, nn.with_logical_constraint(logits.astype(jnp.float32),
-                                          ("batch", "length", "vocab"))
+    # The loss needs float32 logits: a bf16 logit keeps 8 bits of mantissa, so logits near 10
+    # would be rounded by ~0.03 before the log-softmax, which is as large as the differences in
+    # loss between model sizes. The matmul accumulates and returns float32 (on the MXU and
+    # tensor cores at bf16 speed), rather than rounding its bf16 result and casting it back up.
+    logits = jnp.einsum("bsd,vd->bsv", hn, self.wtet.astype(hn.dtype),
+                        preferred_element_type=jnp.float32)
+    return hn, nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
   def __call__(self, tokens, bert_mask=None):
     """tokens [B, T] int -> logits [B, T, V] float32."""

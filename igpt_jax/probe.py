@@ -1,9 +1,10 @@
 """Linear probes on frozen iGPT features, as in the paper.
 
-Extraction is a separate pass: `jax.pmap` over the local devices, one batch slice per device,
-parameters replicated once. Each layer's feature is the mean over positions of the block input
-read after ln_1 (the paper's probe) or before it ("residual"), or with the "_2x2" readings the
-mean over each image quadrant; layer n_layer is the ln_f output.
+Extraction is a separate pass: one jitted program (`features_fn`) over a mesh of the local
+devices, the batch split over it, the parameters in their training layout (replicated, or
+split over an fsdp axis for models larger than a chip). Each layer's feature is the mean over
+positions of the block input read after ln_1 (the paper's probe) or before it ("residual"), or
+with the "_2x2" readings the mean over each image quadrant; layer n_layer is the ln_f output.
 
   extract_features(cfg, params, tokens, layers, batch_size) -> {layer: np [N, D]}   in memory
   write_features(batches, featurize, out_dir, split) -> {name: path}                 streaming
@@ -30,13 +31,14 @@ import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from absl import logging
 
@@ -56,40 +58,50 @@ PIXEL_KINDS = ("histogram", "rgb")
 # -- extraction -------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=8)
-def _pmapped_features(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], reading: str,
-                      devices: tuple):
-  """pmap of tokens [n_dev, b, T] -> {layer: [n_dev, b, D]}; params broadcast, not mapped."""
+def features_fn(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], reading: str) -> Callable:
+  """Jitted (params, tokens [B, T]) -> {layer: float32 [B, F]}, run where its inputs lie.
+
+  The one extraction program: the probe pass (`featurizer`), the in-training probe and
+  launch/plan.py's "extract" all compile it, with the parameters as training lays them out
+  over the mesh and the batch split over its batch axes. Call it under `jax.set_mesh(mesh)`
+  and `nn.logical_axis_rules(sharding.RULES)`.
+  """
   def features(params, tokens):
     # BERT models are probed unmasked: an all-False mask zeroes no embedding.
     mask = jnp.zeros(tokens.shape, bool) if cfg.objective == "bert" else None
     return model_lib.IGPT(cfg).apply({"params": params}, tokens, layers, reading, mask,
                                      method=model_lib.IGPT.features)
-  return jax.pmap(features, in_axes=(None, 0), devices=devices)
+  return jax.jit(features)
 
 
 def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None = None,
-               reading: str = "ln1", devices=None) -> Callable:
-  """fn(tokens int [B, T]) -> {layer: float32 jax.Array [B, D]}, B split over the devices.
+               reading: str = "ln1", mesh: Mesh | None = None) -> Callable:
+  """fn(tokens int [B, T]) -> {layer: float32 jax.Array [B, D]}, B split over the mesh.
 
-  B must divide by the number of devices (pad it; see `extract_features`). The parameters are
-  copied to every device once, here, not per batch. Results are not fetched (async dispatch):
-  see `_pipelined`.
+  mesh: a `sharding.make_mesh` mesh of this host's devices (default: data parallel over all of
+  them). The parameters are put in their training layout over it once, here (replicated on a
+  data mesh, split along `embed` over fsdp: how iGPT-L / XL fit 16 GB chips); parameters
+  already laid out so (`checkpoint.load(..., mesh=mesh)`) stay where they are. B must divide by
+  the mesh's batch shards (pad it; see `extract_features`). Results are not fetched (async
+  dispatch): see `_pipelined`.
   """
   layers = tuple(range(cfg.n_layer + 1) if layers is None else layers)
   model_lib.check_layers(cfg, layers)
   if reading not in model_lib.READINGS:
     raise ValueError(f"reading={reading!r}; expected one of {model_lib.READINGS}")
-  devices = tuple(jax.local_devices() if devices is None else devices)
-  fn = _pmapped_features(cfg, layers, reading, devices)
-  params = jax.device_put(params, NamedSharding(Mesh(np.array(devices), ("d",)), P()))
+  mesh = mesh or sharding_lib.make_mesh((-1, 1, 1), jax.local_devices())
+  fn = features_fn(cfg, layers, reading)
+  params = jax.device_put(params, sharding_lib.param_shardings(cfg, mesh))
+  shards = sharding_lib.batch_shards(mesh)
 
   def featurize(tokens):
     tokens = np.asarray(tokens)
     model_lib.check_tokens(tokens, cfg)
-    if len(tokens) % len(devices):
-      raise ValueError(f"batch of {len(tokens)} does not split over {len(devices)} devices")
-    out = fn(params, tokens.reshape(len(devices), -1, tokens.shape[1]))
-    return {l: f.reshape(len(tokens), -1) for l, f in out.items()}
+    if len(tokens) % shards:
+      raise ValueError(f"batch of {len(tokens)} does not split over the {shards} batch shards "
+                       f"of mesh {dict(mesh.shape)}")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
+      return fn(params, sharding_lib.shard_batch({"tokens": tokens}, mesh)["tokens"])
 
   return featurize
 
@@ -114,17 +126,18 @@ def _padded(tokens: np.ndarray, size: int) -> np.ndarray:
 
 def extract_features(cfg: model_lib.IGPTConfig, params, tokens, layers=None,
                      batch_size: int = 256, reading: str = "ln1",
-                     devices=None) -> dict[int, np.ndarray]:
+                     mesh: Mesh | None = None) -> dict[int, np.ndarray]:
   """Mean-pooled features of every row of tokens [N, T]: {layer: np.float32 [N, D]}.
 
-  batch_size is the global batch, rounded up to a multiple of the device count; the last
-  batch is padded, so every call compiles once.
+  batch_size is the global batch, rounded up to a multiple of the mesh's batch shards (mesh:
+  as `featurizer`); the last batch is padded, so every call compiles once.
   """
   tokens = np.asarray(tokens)
   model_lib.check_tokens(tokens, cfg)
-  featurize = featurizer(cfg, params, layers, reading, devices)
-  n_dev = len(jax.local_devices() if devices is None else devices)
-  batch_size = -(-batch_size // n_dev) * n_dev
+  mesh = mesh or sharding_lib.make_mesh((-1, 1, 1), jax.local_devices())
+  featurize = featurizer(cfg, params, layers, reading, mesh)
+  shards = sharding_lib.batch_shards(mesh)
+  batch_size = -(-batch_size // shards) * shards
   starts = range(0, len(tokens), batch_size)
   chunks = [{l: f[:len(tokens) - start] for l, f in feats.items()} for start, feats in
             _pipelined(lambda s: featurize(_padded(tokens[s:s + batch_size], batch_size)), starts)]
@@ -450,26 +463,30 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   local or gs://. Returns the dict written to results.json.
   """
   from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  model = dict(config.get("model") or {})
-  runtime = {k: model.pop(k) for k in ("attention", "dtype") if k in model}
-  cfg, params, palette = ckpt_lib.load(workdir, step, **runtime)
-  if model:
-    ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(model), workdir)
+  mesh = sharding_lib.make_mesh(config.mesh, jax.local_devices())
+  fields = model_lib.set_fields(config.model)
+  runtime = {k: fields.pop(k) for k in ("attention", "dtype") if k in fields}
+  cfg, params, palette = ckpt_lib.load(workdir, step, mesh=mesh, **runtime)
+  if fields:
+    ckpt_lib.check_compatible(cfg.to_dict(), model_lib.model_config(fields), workdir)
+    cfg = cfg.replace(**{k: v for k, v in fields.items() if k in ckpt_lib.RUNTIME_FIELDS})
   layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
   model_lib.check_layers(cfg, layers)
-  n_dev = jax.local_device_count()
+  n_dev = sharding_lib.batch_shards(mesh)
   batch_size = -(-config.batch_size // n_dev) * n_dev
   out_dir = out_dir or paths.path(workdir) / "probe"
   feat_dir = paths.path(out_dir) / "features"
   splits = {"train": config.data.train_split, "test": config.data.eval_split}
   batches = {name: _checked_batches(config, split, palette, cfg.n_px, batch_size)
              for name, split in splits.items()}
-  logging.info("probing %s (%s) layers %s on %d devices", workdir, cfg, layers, n_dev)
+  logging.info("probing %s (%s) layers %s on mesh %s", workdir, cfg, layers, dict(mesh.shape))
 
-  models = {"": featurizer(cfg, params, layers, config.reading)}
+  models = {"": featurizer(cfg, params, layers, config.reading, mesh)}
   if baselines:
-    random_params = model_lib.init_params(cfg, jax.random.key(config.random_init_seed))
-    models["random_"] = featurizer(cfg, random_params, layers, config.reading)
+    random_params = jax.jit(functools.partial(model_lib.init_params, cfg),
+                            out_shardings=sharding_lib.param_shardings(cfg, mesh))(
+                                jax.random.key(config.random_init_seed))
+    models["random_"] = featurizer(cfg, random_params, layers, config.reading, mesh)
 
   def featurize(tokens):  # one pass over the data feeds every model and baseline
     out = {}
@@ -605,18 +622,18 @@ def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable
   splits = {"train": _local_batches(config, config.probe_train_split, palette, cfg.n_px),
             "test": _local_batches(config, config.probe_eval_split, palette, cfg.n_px)}
 
-  @jax.jit
-  def features(params, batch):  # labels and valid ride along: they come back in feature order
-    mask = jnp.zeros(batch["tokens"].shape, bool) if cfg.objective == "bert" else None
-    feats = model_lib.IGPT(cfg).apply({"params": params}, batch["tokens"], layers, reading, mask,
-                                      method=model_lib.IGPT.features)
-    return {"layers": feats, "labels": batch["labels"], "valid": batch["valid"]}
+  fn = features_fn(cfg, layers, reading)
+
+  def features(params, batch):  # labels and valid ride along, split like the features
+    batch = sharding_lib.shard_batch(batch, mesh)
+    return {"layers": fn(params, batch["tokens"]), "labels": batch["labels"],
+            "valid": batch["valid"]}
 
   def extract(params, batches):  # -> ({layer: [N, D]}, labels [N]), valid rows of every process
     # All batches are dispatched before any is fetched (a subset's features are small); the
     # gather is collective, so every process takes part.
     outs = multihost_utils.process_allgather(
-        [features(params, sharding_lib.shard_batch(b, mesh)) for b in batches], tiled=True)
+        [features(params, b) for b in batches], tiled=True)
     valid = np.concatenate([o["valid"] for o in outs])
     return ({l: np.concatenate([o["layers"][l] for o in outs])[valid] for l in layers},
             np.concatenate([o["labels"] for o in outs])[valid])

@@ -153,6 +153,14 @@ def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = 
     return run(params, rng, jax.device_put(prompt, batch), sharding=batch)
 
 
+def lower(cfg: IGPTConfig, params, rng, prompt, *, mesh: jax.sharding.Mesh):
+  """The sampler (temperature 1, no filtering) lowered for abstract, sharded inputs on mesh:
+  launch/plan.py's "sample" program. Call under `jax.set_mesh(mesh)` and the logical rules."""
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(mesh))
+  return _sample.lower(params, rng, prompt, scalar, scalar, cfg=cfg, greedy=False, top_k=None,
+                       use_top_p=False, sharding=sharding_lib.batch_sharding(mesh))
+
+
 def prefix_length(cfg: IGPTConfig, *, rows: int | None = None,
                   fraction: float | None = None) -> int:
   """Prompt length in tokens for completions from the top `rows` pixel rows (or a fraction)."""

@@ -18,6 +18,7 @@ from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from igpt_jax import model as model_lib
@@ -142,33 +143,54 @@ def data_mesh(batch_size: int) -> Mesh | None:
   return make_mesh((n, 1, 1), jax.devices()[:n]) if n > 1 else None
 
 
-def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, int]:
-  """Resolves one -1 entry of (data, fsdp, tensor) so the product is n_devices."""
+def mesh_shape(shape: Sequence[int], n_devices: int, what: str = "devices",
+               name: str = "mesh") -> tuple[int, int, int]:
+  """Resolves one -1 entry of (data, fsdp, tensor) so the product is n_devices (or slices)."""
   shape = tuple(int(s) for s in shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh must have {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
+    raise ValueError(f"{name} must have {len(MESH_AXES)} sizes {MESH_AXES}, got {shape}")
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh sizes must be positive with at most one -1, got {shape}")
+    raise ValueError(f"{name} sizes must be positive with at most one -1, got {shape}")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if n_devices % known:
-      raise ValueError(f"mesh {shape}: {n_devices} devices do not divide by {known}")
+      raise ValueError(f"{name} {shape}: {n_devices} {what} do not divide by {known}")
     shape = tuple(n_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != n_devices:
-    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices, {n_devices} present")
+    raise ValueError(f"{name} {shape} needs {math.prod(shape)} {what}, {n_devices} present")
   return shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None, *,
+              dcn_shape: Sequence[int] = (-1, 1, 1)) -> Mesh:
   """Mesh over all (or the given) devices with axes (data, fsdp, tensor).
 
-  Axis types are Auto: linen's logical constraints (`nn.with_logical_constraint`) are rejected
-  on Explicit axes, which `jax.make_mesh` now defaults to.
+  shape lays out the devices of one slice (or of all devices where there are no slices: CPUs,
+  GPUs); dcn_shape lays out the slices of a multislice TPU job (devices with several
+  `slice_index` values), joined over the data-centre network: the mesh's axes are the
+  products, e.g. shape (1, 16, 2) and dcn_shape (2, 1, 1) on two 32-chip slices make a
+  (2, 16, 2) mesh whose data axis crosses slices, so only the gradients' all-reduce uses DCN.
+  -1 takes the devices (or slices) left.
+
+  Devices are placed by `mesh_utils`: on TPUs the axes follow the physical torus, splitting a
+  physical axis where the shape asks for it (a 16-way fsdp axis on a 4x8 slice), which
+  `jax.make_mesh` refuses outside v5e. Axis types are Auto: linen's logical constraints
+  (`nn.with_logical_constraint`) are rejected on Explicit axes, which `jax.make_mesh` now
+  defaults to.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  dcn = mesh_shape(dcn_shape, len(slices), "slices", "dcn_mesh")
+  if len(devices) % len(slices):
+    raise ValueError(f"{len(devices)} devices do not split evenly over {len(slices)} slices")
+  per_slice = mesh_shape(shape, len(devices) // len(slices),
+                         "devices per slice" if len(slices) > 1 else "devices")
+  if len(slices) > 1:
+    placed = mesh_utils.create_hybrid_device_mesh(per_slice, dcn, devices,
+                                                  allow_split_physical_axes=True)
+  else:
+    placed = mesh_utils.create_device_mesh(per_slice, devices, allow_split_physical_axes=True)
+  return Mesh(placed, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):

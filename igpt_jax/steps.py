@@ -129,6 +129,8 @@ def token_losses(logits: jax.Array, tokens: jax.Array, bert_mask: jax.Array | No
   Without a mask (AR) over all T positions; with a BERT mask [B, T] over the masked positions
   only (an example with no masked token counts 0).
   """
+  # float32 logits (the model's head returns them so): the log-sum-exp over 512 colours and the
+  # mean over T tokens are where bf16 rounding would show in the loss.
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
   if bert_mask is None:
     return ce.mean(axis=-1)

@@ -119,7 +119,7 @@ def _model(config, workdir: str):
   step = config.init_step or None
   meta = ckpt_lib.read_meta(config.init_workdir, step)
   cfg = model_lib.IGPTConfig.from_dict(meta["model"])
-  fields = dict(config.model)
+  fields = model_lib.set_fields(config.model)
   runtime = {k: v for k, v in fields.items() if k in ckpt_lib.RUNTIME_FIELDS}
   if set(fields) - set(runtime):
     raise ValueError(f"fine-tuning takes the model of {config.init_workdir}; config.model may "
@@ -127,8 +127,8 @@ def _model(config, workdir: str):
   cfg = ckpt_lib.for_this_host(cfg, **runtime).replace(n_classes=config.n_classes)
   palette = palette_lib.check_palette(np.asarray(meta["palette"], np.float32))
 
-  def params():  # read only for a fresh start, not on resume
-    _, pretrained, _ = ckpt_lib.load(config.init_workdir, meta["step"])
+  def params(mesh):  # read only for a fresh start, not on resume; sharded over mesh
+    _, pretrained, _ = ckpt_lib.load(config.init_workdir, meta["step"], mesh=mesh)
     return finetune_lib.with_classifier(cfg, pretrained, config.n_classes)[1]
   return cfg, palette, params
 
@@ -154,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   plus `best_step` and `best_eval_accuracy` when fine-tuning."""
   finetuning = bool(config.init_workdir)
   configured, palette, init_params = _model(config, workdir)  # what the checkpoints record
-  mesh = sharding_lib.make_mesh(config.mesh)
+  mesh = sharding_lib.make_mesh(config.mesh, dcn_shape=config.dcn_mesh)
   cfg = steps_lib.for_mesh(configured, mesh)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   if config.batch_size % config.accum_steps:
@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # The input comes before any compile: a bad dataset or split stops the run at once.
     train_iter, eval_iters = _datasets(config, cfg, palette, start)
     if not start:
-      state = (steps_lib.state_from_params(init_params(), tx, shardings) if finetuning else
+      state = (steps_lib.state_from_params(init_params(mesh), tx, shardings) if finetuning else
                steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(config.seed)))
     loss = finetune_lib.loss_fn(cfg, config.gen_weight) if finetuning else steps_lib.loss_fn(cfg)
     train_step = console.first_call(

@@ -17,6 +17,7 @@ import sys
 # `experiments.*` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 import flax.linen as nn
@@ -32,13 +33,12 @@ from launch import train as train_script  # defines --config and --workdir
 
 def test_accuracy(config, workdir: str) -> float:
   """Accuracy of workdir's best checkpoint on config.test_split."""
-  runtime = {k: v for k, v in dict(config.model).items() if k in ("attention", "dtype")}
-  cfg, params, palette = checkpoint.load(workdir, "best", **runtime)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, dcn_shape=config.dcn_mesh)
+  runtime = {k: config.model[k] for k in ("attention", "dtype") if config.model.get(k)}
+  cfg, params, palette = checkpoint.load(workdir, "best", mesh=mesh, **runtime)
   batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
                               palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    params = jax.device_put(params, sharding.param_shardings(cfg, mesh))
     return train.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
 
 

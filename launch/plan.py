@@ -1,22 +1,28 @@
-r"""Plans a pretraining run on a TPU slice from any host, with the real TPU compiler (no TPU).
+r"""Plans a run on a TPU slice or GPU hosts from any host, with the real XLA compilers (no device).
 
   python launch/plan.py --config experiments/igpt_m.py --topology v5p:4x4x2
+  python launch/plan.py --config experiments/igpt_m.py --topology h100:8
+  python launch/plan.py --config experiments/igpt_l.py --topology v6e:4x8 --slices 2
   python launch/plan.py --config experiments/igpt_xl.py --topology v5p:4x4x4 \
-      --config.model.attention=xla --config.mesh='(1, 32, 2)'
+      --programs extract,sample
 
-Compiles the config's jitted train step for the slice (`<generation>:<chips>`, e.g. v5e:4x4,
-v5p:4x4x2, v6e:8x8) on the config's mesh and prints per-chip memory against the chip's HBM,
-the compile time, FLOPs per step and the compiler's estimated step time (an estimate, not a
-measurement) with the tokens/s and MFU it implies. Exits 1, with the reason and the knob that
-helps, when the step does not fit. The last line of stdout is one JSON object. Needs libtpu
-(`pip install -e '.[tpu]'`).
+Topologies: a TPU slice `<v4|v5e|v5p|v6e>:<chips>` (v5e:4x4, v5p:4x4x2, v6e:8x8; `--slices N`
+joins N of them over DCN, laid out by `config.dcn_mesh`), or NVIDIA GPUs `<h100|h200|a100>:<per
+host>` or `:<hosts>x<per host>` (h100:8, h100:4x8, h200:1). Compiles each program of the run
+(`--programs`, default all: train, eval, extract, sample, finetune; see igpt_jax/plan.py) on
+the config's mesh and prints, per program, per-chip memory against the chip's HBM and the
+compile time; then FLOPs per train step and its estimated time with the tokens/s and MFU it
+implies: the TPU compiler's estimate, or on GPUs a roofline whose assumptions are printed
+(neither is a measurement). Exits 1, with the reason and the knob that helps, when a program
+does not fit. The last line of stdout is one JSON object. Needs libtpu for TPUs
+(`pip install -e '.[tpu]'`), the CUDA compiler plugin for GPUs (`pip install -e '.[gpu-plan]'`).
 """
 
 import json
 import os
 import sys
 
-# Eager work stays on the host; the TPU devices only compile. Must precede the jax import.
+# Eager work stays on the host; the TPU / GPU devices only compile. Must precede the jax import.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # `python launch/plan.py` puts launch/ first on the path; configs import their siblings as
 # `experiments.*` from the repository root.
@@ -31,23 +37,36 @@ from igpt_jax import plan  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x2 or v5e:4x4.")
+_TOPOLOGY = flags.DEFINE_string("topology", None,
+                                "TPU slice (v5p:4x4x2, v5e:4x4) or GPU hosts (h100:8, h100:4x8).")
+_SLICES = flags.DEFINE_integer("slices", 1, "TPU slices of --topology joined over DCN.")
+_PROGRAMS = flags.DEFINE_list("programs", list(plan.PROGRAMS),
+                              f"Programs to compile, some of {', '.join(plan.PROGRAMS)}.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   console.setup()
-  record, _ = plan.plan_train_step(_CONFIG.value, _TOPOLOGY.value)
-  mem = (f"{record['per_device_gib']:.2f} GiB per chip (state {record['state_gib']:.2f}, "
-         f"temporaries {record['temp_gib']:.2f})" if record["fits"] else record["reason"])
-  print(f"{record['model']} on {record['topology']} ({record['chips']} chips, mesh "
-        f"{record['mesh']}): {mem} of {record['hbm_gib']} GiB HBM, compiled in "
-        f"{record['compile_s']:.0f} s", flush=True)
+  record = plan.plan(_CONFIG.value, _TOPOLOGY.value, _PROGRAMS.value, _SLICES.value)
+  unit = "GPU" if record["device_kind"].startswith("NVIDIA") else "chip"
+  slices = f" x {record['slices']} slices" if record["slices"] > 1 else ""
+  print(f"{record['model']} ({record['params'] / 1e6:.0f}M, {record['n_px']}x{record['n_px']}, "
+        f"batch {record['batch']}, {record['dtype']}) on {record['topology']}{slices}: "
+        f"{record['chips']} {record['device_kind']}, mesh {record['mesh']}, "
+        f"{record['hbm_gib']} GiB HBM per {unit}", flush=True)
+  for name, rec in record["programs"].items():
+    mem = (f"{rec['per_device_gib']:.2f} GiB per {unit} (arguments {rec['argument_gib']:.2f}, "
+           f"temporaries {rec['temp_gib']:.2f})" if rec["fits"] else rec["reason"])
+    print(f"  {name:9s} {mem}, {rec['attention']} attention, compiled in {rec['compile_s']:.0f} s"
+          + (f"\n            {rec['attention_fallback']}" if "attention_fallback" in rec else ""),
+          flush=True)
+  print(f"fits: {str(record['fits']).lower()}; largest program: {record['largest_program']}",
+        flush=True)
   if record["est_step_s"]:
-    print(f"compiler's estimate: {record['est_step_s'] * 1e3:.1f} ms/step, "
-          f"{record['est_tokens_per_s']:.0f} tokens/s, MFU {record['est_mfu']:.1%} "
-          f"({record['flops_per_step'] / 1e12:.1f} TFLOP per step)", flush=True)
+    print(f"train step: {record['flops_per_step'] / 1e12:.1f} TFLOP, estimated "
+          f"{record['est_step_s'] * 1e3:.1f} ms, {record['est_tokens_per_s']:.0f} tokens/s, MFU "
+          f"{record['est_mfu']:.1%}; estimate: {record['estimate']}", flush=True)
   print(json.dumps(record), flush=True)
   if not record["fits"]:
     sys.exit(1)

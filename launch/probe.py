@@ -3,7 +3,8 @@ r"""Linear probes of a pretrained run at every layer, as in the paper.
   python -m launch.probe --config experiments/probe_cifar10_tiny.py --workdir W [--baselines]
 
 Reads the latest checkpoint of W, streams the train and test splits of `config.data` (tfds names
-or local .npz files) through a pmapped extraction pass into W/probe/features/*.npy, then probes
+or local .npz files) through an extraction pass over this host's devices (`config.mesh`; the
+parameters restored in their training layout over it) into W/probe/features/*.npy, then probes
 every layer, the concatenation of `concat_k` layers around the best one, and low-data subsets.
 Writes W/probe/results.json and W/probe/accuracy_by_layer.png. --baselines adds, through the same
 probe code, raw palette pixels (colour histogram, dequantized RGB) and a randomly initialised

@@ -13,8 +13,11 @@ cannot run, such as a TPU run's splash, replaced by "auto"). Writes `samples.png
 [num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
 batch is split over as many of them as divide it evenly; on a CPU host every core is one device
 (`sharding.use_one_cpu_device_per_core`), since one XLA CPU device decodes on about one core.
+`--mesh=1,-1,1` restores the parameters split over this host's devices instead (iGPT-XL's 27 GB
+of float32 weights on 16 GB chips).
 """
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 from absl import logging
@@ -51,6 +54,11 @@ _ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "blocked", "xla", "cu
                                "Attention kernel (default: the checkpoint's, for this host).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                            "Compute dtype (default: the checkpoint's).")
+_MESH = flags.DEFINE_list(
+    "mesh", None, "data,fsdp,tensor sizes of a mesh over this host's devices (-1: the rest), "
+    "e.g. 1,-1,1: the parameters are restored split over it, for models larger than one "
+    "device, and the images split over data x fsdp. Default: the parameters on one device, "
+    "copied to as many devices as split the batch.")
 
 
 def main(argv):
@@ -59,8 +67,15 @@ def main(argv):
   console.setup()
   sharding.use_one_cpu_device_per_core()
   sharding.require_one_process("launch/sample.py")  # every process would write the same files
+  mesh = None
+  if _MESH.value:
+    try:
+      shape = [int(n) for n in _MESH.value]
+    except ValueError:
+      raise app.UsageError(f"--mesh takes three sizes like 1,-1,1, not {_MESH.value}") from None
+    mesh = sharding.make_mesh(shape, jax.local_devices())
   with console.status(f"loading {_WORKDIR.value}"):
-    cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value,
+    cfg, params, palette = checkpoint.load(_WORKDIR.value, _STEP.value, mesh=mesh,
                                            attention=_ATTENTION.value, dtype=_DTYPE.value)
   out = paths.path(_OUT.value or paths.path(_WORKDIR.value) / "samples")
   rng = jax.random.key(_SEED.value)
@@ -69,7 +84,7 @@ def main(argv):
   if not _COMPLETE.value:
     with console.status(f"sampling {_NUM.value} images of {cfg.n_ctx} tokens"):
       tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
-                                            mesh=sharding.data_mesh(_NUM.value), **kw))
+                                            mesh=mesh or sharding.data_mesh(_NUM.value), **kw))
     paths.save_npy(out / "samples.npy", tokens)
     path = out / "samples.png"
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
@@ -92,7 +107,7 @@ def main(argv):
                       f"({cfg.n_ctx - prefix_len} of {cfg.n_ctx} tokens each)"):
     completions = np.asarray(sample_lib.complete(
         cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
-        mesh=sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
+        mesh=mesh or sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
   paths.save_npy(out / "completions.npy", completions)
   paths.save_npy(out / "originals.npy", originals)
   path = out / "completions.png"

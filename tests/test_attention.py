@@ -50,6 +50,25 @@ def test_splash_interpret_matches_reference_values_and_grads(causal):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_px", [32, 48, 64])
+def test_splash_tiles_divide_every_preset_length(n_px):
+  t = n_px * n_px  # 1024, 2304 (48x48: 512 does not divide it), 4096
+  block = attention.splash_block(t)
+  assert t % block == 0 and block % 128 == 0 and 128 <= block <= attention.SPLASH_BLOCK
+  assert block == max(b for b in range(128, 513, 128) if t % b == 0)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    attention.splash_block(t + 64)
+
+
+def test_splash_with_a_tile_wider_than_divides_t():
+  # T 384 with tiles of up to 256: 256 does not divide 384, so the kernel must take 128.
+  q, k, v = (x[:, :, :1] for x in _qkvg(384)[:3])
+  out = jax.jit(functools.partial(attention.splash_attention, causal=True, block=256,
+                                  interpret=True))(q, k, v)
+  np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                             atol=1e-5, rtol=1e-5)
+
+
 def test_splash_runs_per_device_on_a_data_fsdp_tensor_mesh():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

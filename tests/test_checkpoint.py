@@ -33,6 +33,21 @@ def test_save_params_then_load(tmp_path, scan):
     checkpoint.load(str(tmp_path), step=3)
 
 
+def test_load_onto_a_mesh_restores_parameters_in_their_training_layout(tmp_path):
+  cfg = CFG.replace(scan_layers=True)
+  params = init_params(cfg, jax.random.key(0))
+  checkpoint.save_params(str(tmp_path), cfg, params, PALETTE)
+  mesh = sharding.make_mesh((2, 2, 2))
+  _, got, _ = checkpoint.load(str(tmp_path), mesh=mesh)
+  assert_trees_equal(got, params)
+  want = sharding.param_shardings(cfg, mesh)
+  for array, layout in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert array.sharding.is_equivalent_to(layout, array.ndim)
+  # Split, not copied: a c_fc shard holds a quarter (fsdp 2 x tensor 2) of the stacked weight.
+  shard = got["h"]["c_fc"].addressable_shards[0].data
+  assert shard.size * 4 == got["h"]["c_fc"].size
+
+
 def test_load_and_save_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     checkpoint.load(str(tmp_path / "empty"))

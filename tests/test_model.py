@@ -131,6 +131,19 @@ def test_options_do_not_change_the_function():
   np.testing.assert_allclose(bf16, ref, atol=0.1)
 
 
+def test_bf16_logits_are_accumulated_and_returned_in_float32():
+  cfg = TINY.replace(dtype="bfloat16")
+  params = randomized_params(cfg)
+  head = lambda m, t: m._head(m._trunk(m._embed(t, None))[0])  # pylint: disable=protected-access
+  hn, logits = M.IGPT(cfg).apply({"params": params}, tokens_for(cfg), method=head)
+  assert hn.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  # The bf16 operands' exact products, summed in float32: not a bf16 result cast up.
+  exact = jnp.einsum("bsd,vd->bsv", hn.astype(jnp.float32),
+                     params["wtet"].astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(logits, exact, rtol=1e-5, atol=1e-5)
+  assert np.any(np.asarray(logits) != np.asarray(logits.astype(jnp.bfloat16), np.float32))
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_mlp_backward_is_the_autodiff_one(dtype, tol):
   kx, k1, k2, kg = jax.random.split(jax.random.key(3), 4)

@@ -1,4 +1,5 @@
-"""Probe: pmapped extraction, the L-BFGS logistic regression against scikit-learn, the tables."""
+"""Probe: extraction over a mesh (parameters replicated or split), the L-BFGS logistic regression
+against scikit-learn, the tables."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from experiments import probe_cifar10_tiny as probe_tiny
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe
+from igpt_jax import sharding
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -32,11 +34,18 @@ def test_extraction_on_8_devices_equals_1_device(params):
   tokens = _tokens(21)  # not a multiple of the batch: the last batch is padded
   many = probe.extract_features(CFG, params, tokens, batch_size=16)
   one = probe.extract_features(CFG, params, tokens, batch_size=16,
-                               devices=jax.local_devices()[:1])
+                               mesh=sharding.make_mesh((1, 1, 1), jax.local_devices()[:1]))
+  # Parameters split as training lays them out (embed over fsdp, heads over tensor), as
+  # checkpoint.load(..., mesh=) restores them for models too big for one chip.
+  mesh = sharding.make_mesh((1, 4, 2))
+  split = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+  assert not split["wte"].sharding.is_fully_replicated
+  fsdp = probe.extract_features(CFG, split, tokens, batch_size=16, mesh=mesh)
   assert sorted(many) == list(range(CFG.n_layer + 1))
   for layer in many:
     assert many[layer].shape == (21, CFG.n_embd)
     np.testing.assert_allclose(many[layer], one[layer], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fsdp[layer], one[layer], rtol=1e-5, atol=1e-6)
   direct = model_lib.IGPT(CFG).apply({"params": params}, tokens[:5], [1], "residual",
                                      method=model_lib.IGPT.features)[1]
   np.testing.assert_allclose(
@@ -263,13 +272,13 @@ def test_evaluator_on_a_sharded_mesh_equals_the_offline_probe(run_dir, params):
   assert 0 < got["probe_time_fraction"] <= 1
   assert got["probe_accuracy"] == max(got[f"probe_accuracy_layer{l:02d}"] for l in layers)
 
-  def split(name):  # the same images through the offline path: pmapped extraction on 1 device
+  def split(name):  # the same images through the offline path: extraction on 1 device
     rows = list(data_lib.make_dataset(config.data, split=name, batch_size=8, palette=palette,
                                       n_px=CFG.n_px, train=False))
     valid = np.concatenate([r["valid"] for r in rows])
     tokens = np.concatenate([r["tokens"] for r in rows])[valid]
     feats = probe.extract_features(CFG, params, tokens, layers, 8,
-                                   devices=jax.local_devices()[:1])
+                                   mesh=sharding.make_mesh((1, 1, 1), jax.local_devices()[:1]))
     return feats, np.concatenate([r["labels"] for r in rows])[valid]
 
   (train_x, train_y), (test_x, test_y) = split("train[:32]"), split("train[32:]")

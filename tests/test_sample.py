@@ -172,6 +172,10 @@ def test_converted_hf_weights_sample_and_complete(tmp_path):
   tokens = np.load(out / "samples.npy")
   assert tokens.shape == (8, CFG.n_ctx) and tokens.max() < CFG.vocab_size
   assert Image.open(out / "samples.png").size[0] > 8 * CFG.n_px
+  # The parameters restored split over an fsdp mesh draw the same images.
+  _run("launch.sample", f"--workdir={workdir}", f"--out={tmp_path / 'fsdp'}", "--num=8",
+       "--seed=1", "--mesh=1,-1,1")
+  np.testing.assert_array_equal(np.load(tmp_path / "fsdp" / "samples.npy"), tokens)
 
   _run("launch.sample", f"--workdir={workdir}", f"--out={out}", "--complete",
        f"--data={tmp_path / 'images.npz'}", "--split=train[1:]", "--num=2",

@@ -262,3 +262,24 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_allclose([got[s]["train_loss"] for s in after],
                              [want[s]["train_loss"] for s in after], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bfloat16_training_tracks_float32(files, tmp_path):
+  """120 steps of the tiny config in bf16 compute (fp32 parameters, norms, softmax, logits and
+  loss) and in fp32, the same seeds and batches: the bf16 train loss stays within 0.05 nats
+  of fp32 at every logged step, while both fall by more than 1.5 nats (measured: at most 0.034
+  apart, 2.6 -> 0.41 nats)."""
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config(files, total_steps=120, log_every=10, eval_every=0,
+                         checkpoint_every=0, sample_every=0)
+    config.model.dtype = dtype
+    train.train_and_evaluate(config, str(tmp_path / dtype))
+    losses[dtype] = {s: r["train_loss"] for s, r in metrics_lib.read(tmp_path / dtype).items()
+                     if "train_loss" in r}
+  assert sorted(losses["bfloat16"]) == sorted(losses["float32"]) == list(range(10, 121, 10))
+  gaps = {s: abs(losses["bfloat16"][s] - losses["float32"][s]) for s in losses["float32"]}
+  assert max(gaps.values()) < 0.05, gaps
+  for curve in losses.values():
+    assert curve[10] - curve[120] > 1.5
