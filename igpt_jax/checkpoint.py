@@ -6,6 +6,12 @@ of batches consumed: the input pipeline is a pure function of (seed, position)),
 config and the loop's own state (e.g. the best held-out accuracy so far). Weights-only
 checkpoints (`save_params`, converted models) have no opt_state.
 
+A save that fails (a full disk, a bucket quota, no permission) ends the run: the training loop
+polls the async save (`check_saves`) at every step, and the failure is one `SaveFailed` line
+naming the step, the cause, the path and the newest good checkpoint, with the partial step
+removed (launch scripts exit with its status, faults.SAVE_FAILED). Rerunning the same command
+once the storage is fixed resumes from that newest good checkpoint.
+
 A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
 warning that names its step and why: `load` and `restore` fall back to the newest one that
 reads; none readable is one error naming every step tried. Nothing is deleted; the training
@@ -26,17 +32,21 @@ returns it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Callable
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from igpt_jax import faults
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 
@@ -100,7 +110,103 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
+  check_saves(mngr, wait=True)  # orbax waits for the previous save anyway; its failure is its own
+  try:
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
+  except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
+    if isinstance(e, OSError) or _save_cause(e) is not None:
+      raise save_failed(mngr, step, e) from e
+    raise
+
+
+class SaveFailed(faults.Fault):
+  """A checkpoint that could not be written (the run's one error line says which and why)."""
+  status = faults.SAVE_FAILED
+
+
+# (errnos, words in the error's text) -> the cause as the line names it. Tensorstore reports
+# the OS error inside its message ("[os_error_code='28']"), GCS an HTTP status.
+_CAUSES = (
+    ((errno.ENOSPC,), ("no space left on device", "os_error_code='28'"), "no space left on device"),
+    ((errno.EDQUOT,), ("quota exceeded", "quotaexceeded", "ratelimitexceeded",
+                       "response code: 429", "os_error_code='122'"), "storage quota exceeded"),
+    ((errno.EROFS,), ("read-only file system", "os_error_code='30'"), "read-only file system"),
+    ((errno.EACCES, errno.EPERM), ("permission denied", "permission_denied",
+                                   "response code: 403", "os_error_code='13'"),
+     "permission denied"),
+    ((errno.EFBIG,), ("file too large", "os_error_code='27'"), "file too large (a size limit)"),
+)
+
+
+def _save_cause(error: BaseException | None) -> str | None:
+  """The known storage failure behind error (or an error it was raised from), else None."""
+  while error is not None:
+    text = str(error).lower()
+    for codes, words, cause in _CAUSES:
+      if getattr(error, "errno", None) in codes or any(w in text for w in words):
+        return cause
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _failed_path(error: BaseException, directory: epath.Path, step: int) -> str:
+  """The file the error names under the checkpoint directory (deepest), else the step's dir."""
+  quoted = re.findall(r"[\"']([^\"']+)[\"']", str(error)) + [getattr(error, "filename", None)]
+  named = [p for p in quoted if p and str(p).startswith(str(directory))]
+  return max(named, key=len) if named else str(directory / str(step))
+
+
+def _remove_partial(directory: epath.Path, step: int) -> list[str]:
+  """Removes what a failed save of step left (its `<step>.orbax-checkpoint-tmp*` folder, or an
+  unfinalized `<step>` one on a bucket), freeing the space it took; -> the paths removed."""
+  if jax.process_index() != 0 or not directory.exists():
+    return []
+  finalized = set(ocp.path.step.checkpoint_steps(directory))
+  removed = []
+  for path in directory.iterdir():
+    if (path.name.startswith(f"{step}.orbax-checkpoint-tmp") or
+        (path.name == str(step) and step not in finalized)):
+      path.rmtree()
+      removed.append(str(path))
+  return removed
+
+
+def newest_good_step(directory) -> int | None:
+  """The newest finalized checkpoint step on disk (what a rerun resumes from), or None."""
+  return max(ocp.path.step.checkpoint_steps(epath.Path(directory)), default=None)
+
+
+def save_failed(mngr: ocp.CheckpointManager, step: int | None, error: BaseException,
+                preempted: bool = False) -> SaveFailed:
+  """The SaveFailed of step's save (its partial files removed first)."""
+  directory = epath.Path(mngr.directory)
+  cause = _save_cause(error) or (
+      f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+  path = _failed_path(error, directory, step)
+  removed = _remove_partial(directory, step) if step is not None else []
+  good = newest_good_step(directory)
+  return SaveFailed(
+      f"{f'preempted at step {step}, and ' if preempted else ''}checkpoint step {step} was not "
+      f"saved: {cause} ({path}); {'removed its partial files; ' if removed else ''}"
+      + (f"the newest good checkpoint is step {good} in {directory}: fix the storage and rerun "
+         f"the same command to resume from it" if good is not None else
+         f"no checkpoint of this run is in {directory}: a rerun starts from step 0"))
+
+
+def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
+                preempted: bool = False) -> None:
+  """Raises SaveFailed when the newest async save has failed.
+
+  Without wait, returns at once while a save is still being written (cheap: call it every
+  step); with wait, blocks until it is done. preempted: the line says the run was preempted.
+  """
+  if not wait and mngr.is_saving_in_progress():
+    return
+  step = mngr.latest_step()  # a failed save is dropped from orbax's list only once waited on
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
+    raise save_failed(mngr, step, e, preempted) from e
 
 
 def _read(mngr: ocp.CheckpointManager, step: int, **items):

@@ -24,6 +24,7 @@ import jax
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import faults
 from igpt_jax import sharding
 from igpt_jax import train
 from launch import train as train_script  # defines --config and --workdir
@@ -55,6 +56,7 @@ def main(argv):
     with open(os.path.join(workdir, "finetune_results.json"), "w") as f:
       json.dump(results, f, indent=2)
   print(json.dumps(results))
+  faults.exit_done()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from igpt_jax import console
+from igpt_jax import faults
 from igpt_jax import sharding
 from igpt_jax import train
 
@@ -36,13 +37,15 @@ def run(config, workdir: str) -> dict:
     sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding.maybe_initialize_distributed()
   os.makedirs(workdir, exist_ok=True)
-  return train.train_and_evaluate(config, workdir)
+  with faults.exit_on_fault():  # a failed save, a lost peer: one line and a documented status
+    return train.train_and_evaluate(config, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   run(_CONFIG.value, _WORKDIR.value)
+  faults.exit_done()
 
 
 if __name__ == "__main__":
