@@ -38,6 +38,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import time
 from typing import Any, Callable
 
 from etils import epath
@@ -70,6 +72,27 @@ class UnreadableCheckpoint(Exception):
     self.step = step
 
 
+def _quiet_closed_loops() -> None:
+  """Installs (once) a sys.unraisablehook that drops `RuntimeError: Event loop is closed`.
+
+  When one write of an orbax save or restore fails, orbax closes that call's event loop while
+  TensorStore still holds the other writes or reads; each of their completions then tries to
+  wake the closed loop, and Python prints that error, six lines of traceback, for every one
+  (dozens for a full disk). The failure itself is reported once: `SaveFailed`, or the warning
+  of an unreadable checkpoint.
+  """
+  if getattr(sys.unraisablehook, "quiets_closed_loops", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook
+
+
 def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_only: bool = False,
             best_metric: str | None = None) -> ocp.CheckpointManager:
   """Async manager that keeps the last `keep` checkpoints (None: all).
@@ -77,6 +100,7 @@ def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_onl
   best_metric: also keep, whatever its age, the checkpoint with the highest value of that
   metric (orbax's BestN preservation; saves pass `metrics={best_metric: value}`).
   """
+  _quiet_closed_loops()
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   else:
@@ -115,7 +139,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
     return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
   except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
     if isinstance(e, OSError) or _save_cause(e) is not None:
-      raise save_failed(mngr, step, e) from e
+      raise _save_failed(mngr, step, e) from e
     raise
 
 
@@ -156,17 +180,30 @@ def _failed_path(error: BaseException, directory: epath.Path, step: int) -> str:
   return max(named, key=len) if named else str(directory / str(step))
 
 
-def _remove_partial(directory: epath.Path, step: int) -> list[str]:
+def _remove_partial(directory: epath.Path, step: int, patience_s: float = 10.0) -> list[str]:
   """Removes what a failed save of step left (its `<step>.orbax-checkpoint-tmp*` folder, or an
-  unfinalized `<step>` one on a bucket), freeing the space it took; -> the paths removed."""
+  unfinalized `<step>` one on a bucket), freeing the space it took; -> the paths removed.
+
+  TensorStore may still be finishing (and failing) the save's other writes when the first
+  failure is reported, so a folder that refills while it is removed is tried again for up to
+  patience_s; one that still will not go is left, with a warning naming it.
+  """
   if jax.process_index() != 0 or not directory.exists():
     return []
   finalized = set(ocp.path.step.checkpoint_steps(directory))
-  removed = []
-  for path in directory.iterdir():
-    if (path.name.startswith(f"{step}.orbax-checkpoint-tmp") or
-        (path.name == str(step) and step not in finalized)):
-      path.rmtree()
+  partial = [p for p in directory.iterdir()
+             if p.name.startswith(f"{step}.orbax-checkpoint-tmp") or
+             (p.name == str(step) and step not in finalized)]
+  deadline, removed = time.monotonic() + patience_s, []
+  for path in partial:
+    while path.exists() and time.monotonic() < deadline:
+      try:
+        path.rmtree()
+      except OSError:
+        time.sleep(0.2)
+    if path.exists():
+      logging.warning("could not remove the partial checkpoint %s", path)
+    else:
       removed.append(str(path))
   return removed
 
@@ -176,7 +213,7 @@ def newest_good_step(directory) -> int | None:
   return max(ocp.path.step.checkpoint_steps(epath.Path(directory)), default=None)
 
 
-def save_failed(mngr: ocp.CheckpointManager, step: int | None, error: BaseException,
+def _save_failed(mngr: ocp.CheckpointManager, step: int | None, error: BaseException,
                 preempted: bool = False) -> SaveFailed:
   """The SaveFailed of step's save (its partial files removed first)."""
   directory = epath.Path(mngr.directory)
@@ -206,7 +243,7 @@ def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
   try:
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
-    raise save_failed(mngr, step, e, preempted) from e
+    raise _save_failed(mngr, step, e, preempted) from e
 
 
 def _read(mngr: ocp.CheckpointManager, step: int, **items):

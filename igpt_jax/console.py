@@ -101,22 +101,6 @@ def setup() -> None:
     # stderr, past any logging filter, and hold /tmp/libtpu_lockfile while the run lasts.
     jax.config.update("jax_platforms", "cpu")
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
-  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
-
-
-def _quiet_closed_loops(hook):
-  """sys.unraisablehook without `RuntimeError: Event loop is closed`.
-
-  When one write of an orbax save fails, orbax closes that save's event loop while
-  TensorStore still holds the other writes; each of their completions then tries to wake the
-  closed loop, and Python prints that error (six lines of traceback) for every one. The failure
-  itself is reported once, by the training loop.
-  """
-  def filtered(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      hook(unraisable)
-  return filtered
 
 
 class _Lines:

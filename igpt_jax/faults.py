@@ -6,6 +6,7 @@
   exit_now(status)         flushes the logs and leaves at once, without interpreter shutdown
   exit_done()              a launch script's last call: leave the job, exit_now(0)
   PeerLost, peer_watch()   a collective failed because a process of the job is gone
+  last_completed(...)      the last step whose results exist, for PeerLost's line
 
 Exit statuses (docs/faults.md): 0 done (or preempted after a good save); 1 any other error,
 with its traceback; SAVE_FAILED (74, sysexits' EX_IOERR) a checkpoint could not be written:
@@ -118,13 +119,15 @@ def peer_watch(last_step: Callable[[], int], newest_checkpoint: Callable[[], int
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except  # jax raises JaxRuntimeError, orbax others
-    if not is_peer_loss(e):
+    if isinstance(e, Fault) or not is_peer_loss(e):
       raise
     lost = lost_processes()
+    if not lost:  # everyone answered: not a lost process after all
+      raise
     newest = newest_checkpoint()
     first = (str(e).strip().splitlines() or [""])[0][:200]
     raise PeerLost(
-        f"lost process {', '.join(map(str, lost)) or '(none missing at the roll call)'} of "
+        f"lost process {', '.join(map(str, lost))} of "
         f"{jax.process_count()} (a collective failed: {first}); this is process "
         f"{jax.process_index()}, last completed step {last_step()}, newest checkpoint "
         f"{'none' if newest is None else f'step {newest}'}: restart the job to resume from it"

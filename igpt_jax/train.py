@@ -16,8 +16,11 @@ Both modes share everything else: state created (or restored) directly in its sh
 on the config's mesh; resume from the workdir's newest readable checkpoint (an unreadable one is
 moved to workdir/unreadable_checkpoints/ with a warning) at the exact data position; SIGTERM (or
 orbax's multi-host preemption signal) saves at the next step boundary and exits; a non-finite
-step stops the run naming the last good checkpoint; process 0 writes metrics.jsonl (`step`,
-`train_loss`, `eval_loss`, `eval_accuracy`, ...) and TensorBoard scalars.
+step stops the run naming the last good checkpoint; so does a failed async save, at the first
+step after orbax reports it (`checkpoint.SaveFailed`), and a collective that fails because a
+process of the job is gone (`faults.PeerLost`; docs/faults.md); process 0 writes metrics.jsonl
+(`step`, `train_loss`, `eval_loss`, `eval_accuracy`, `data_skipped_files`, ...) and TensorBoard
+scalars.
 
 Periodic evaluations are `Evaluator(every, fn)`: fn(params, step) -> {name: float}, run every
 `every` steps (0: never) and at the last step; its scalars go to metrics.jsonl, TensorBoard and
