@@ -180,13 +180,15 @@ def _failed_path(error: BaseException, directory: epath.Path, step: int) -> str:
   return max(named, key=len) if named else str(directory / str(step))
 
 
-def _remove_partial(directory: epath.Path, step: int, patience_s: float = 10.0) -> list[str]:
+def _remove_partial(directory: epath.Path, step: int, settle_s: float = 1.0,
+                    patience_s: float = 10.0) -> list[str]:
   """Removes what a failed save of step left (its `<step>.orbax-checkpoint-tmp*` folder, or an
   unfinalized `<step>` one on a bucket), freeing the space it took; -> the paths removed.
 
-  TensorStore may still be finishing (and failing) the save's other writes when the first
-  failure is reported, so a folder that refills while it is removed is tried again for up to
-  patience_s; one that still will not go is left, with a warning naming it.
+  orbax reports the first failed write while TensorStore still finishes the save's other writes
+  (measured: a 110 KB params file recreated the folder after it had been removed), so removal
+  repeats until the folders stay gone for settle_s, for up to patience_s; what still remains is
+  left, with a warning naming it.
   """
   if jax.process_index() != 0 or not directory.exists():
     return []
@@ -194,18 +196,21 @@ def _remove_partial(directory: epath.Path, step: int, patience_s: float = 10.0) 
   partial = [p for p in directory.iterdir()
              if p.name.startswith(f"{step}.orbax-checkpoint-tmp") or
              (p.name == str(step) and step not in finalized)]
-  deadline, removed = time.monotonic() + patience_s, []
-  for path in partial:
-    while path.exists() and time.monotonic() < deadline:
+  deadline = time.monotonic() + patience_s
+  while True:
+    for path in partial:
       try:
-        path.rmtree()
+        if path.exists():
+          path.rmtree()
       except OSError:
-        time.sleep(0.2)
-    if path.exists():
-      logging.warning("could not remove the partial checkpoint %s", path)
-    else:
-      removed.append(str(path))
-  return removed
+        pass  # refilled while being removed: the next round takes it
+    time.sleep(settle_s)
+    left = [p for p in partial if p.exists()]
+    if not left or time.monotonic() > deadline:
+      break
+  for path in left:
+    logging.warning("could not remove the partial checkpoint %s", path)
+  return [str(p) for p in partial if p not in left]
 
 
 def newest_good_step(directory) -> int | None:
