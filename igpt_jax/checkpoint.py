@@ -32,6 +32,7 @@ returns it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -72,14 +73,24 @@ class UnreadableCheckpoint(Exception):
     self.step = step
 
 
-def _quiet_closed_loops() -> None:
-  """Installs (once) a sys.unraisablehook that drops `RuntimeError: Event loop is closed`.
+class _AbandonedWrites(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's own write tasks."""
 
-  When one write of an orbax save or restore fails, orbax closes that call's event loop while
-  TensorStore still holds the other writes or reads; each of their completions then tries to
-  wake the closed loop, and Python prints that error, six lines of traceback, for every one
-  (dozens for a full disk). The failure itself is reported once: `SaveFailed`, or the warning
-  of an unreadable checkpoint.
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and
+                f"{os.sep}orbax{os.sep}" in message)
+
+
+def _quiet_abandoned_writes() -> None:
+  """Drops (once installed) what orbax leaves behind when one write of a save or restore fails.
+
+  orbax then gives up on the call and closes its event loop while TensorStore still holds the
+  other writes or reads: each of their completions tries to wake the closed loop (Python prints
+  `RuntimeError: Event loop is closed`, six lines of traceback, for every one: dozens for a full
+  disk), and asyncio logs each abandoned task's error when it is collected ("Task exception was
+  never retrieved"). The failure itself is reported once: `SaveFailed`, or the warning of an
+  unreadable checkpoint.
   """
   if getattr(sys.unraisablehook, "quiets_closed_loops", False):
     return
@@ -91,6 +102,7 @@ def _quiet_closed_loops() -> None:
       previous(unraisable)
   hook.quiets_closed_loops = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedWrites())
 
 
 def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_only: bool = False,
@@ -100,7 +112,7 @@ def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_onl
   best_metric: also keep, whatever its age, the checkpoint with the highest value of that
   metric (orbax's BestN preservation; saves pass `metrics={best_metric: value}`).
   """
-  _quiet_closed_loops()
+  _quiet_abandoned_writes()
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   else:
@@ -134,7 +146,8 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  check_saves(mngr, wait=True)  # orbax waits for the previous save anyway; its failure is its own
+  if force or mngr.should_save(step):  # orbax then waits for the previous save: its failure
+    check_saves(mngr, wait=True)       # is reported as its own
   try:
     return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
   except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
@@ -226,13 +239,34 @@ def _save_failed(mngr: ocp.CheckpointManager, step: int | None, error: BaseExcep
       f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
   path = _failed_path(error, directory, step)
   removed = _remove_partial(directory, step) if step is not None else []
-  good = newest_good_step(directory)
   return SaveFailed(
       f"{f'preempted at step {step}, and ' if preempted else ''}checkpoint step {step} was not "
       f"saved: {cause} ({path}); {'removed its partial files; ' if removed else ''}"
-      + (f"the newest good checkpoint is step {good} in {directory}: fix the storage and rerun "
-         f"the same command to resume from it" if good is not None else
-         f"no checkpoint of this run is in {directory}: a rerun starts from step 0"))
+      f"{_resume_hint(directory)}")
+
+
+def _resume_hint(directory: epath.Path) -> str:
+  good = newest_good_step(directory)
+  if good is None:
+    return f"no checkpoint of this run is in {directory}: a rerun starts from step 0"
+  return (f"the newest good checkpoint is step {good} in {directory}: fix the storage and rerun "
+          "the same command to resume from it")
+
+
+@contextlib.contextmanager
+def storage_watch(mngr: ocp.CheckpointManager):
+  """A write of the run (metrics.jsonl, a sample grid) that fails for lack of space, quota or
+  permission ends the run as one SaveFailed line too: the in-flight save's own failure when it
+  failed as well (a full disk is usually filled by it), else the file's."""
+  try:
+    yield
+  except OSError as e:
+    cause = _save_cause(e)
+    if cause is None:
+      raise
+    check_saves(mngr, wait=True)
+    raise SaveFailed(f"could not write {e.filename}: {cause}; "
+                     f"{_resume_hint(epath.Path(mngr.directory))}") from e
 
 
 def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,

@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lost_peer = faults.peer_watch(lambda: faults.last_completed(pending, synced),
                                 lambda: ckpt_lib.newest_good_step(mngr.directory))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
-      lost_peer:
+      lost_peer, ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)
     loop = {"best_step": 0, "best_eval_accuracy": -1.0, "stale": 0}  # early-stopping record
     start = 0

@@ -5,6 +5,7 @@ docs/faults.md.
 """
 
 import errno
+import logging
 import os
 import re
 import resource
@@ -124,13 +125,19 @@ def test_save_failures_are_named_by_cause(error, cause):
   assert checkpoint._save_cause(ValueError("shapes differ")) is None
 
 
-def test_closed_event_loop_noise_is_dropped_and_nothing_else(monkeypatch):
+def test_abandoned_orbax_writes_are_quiet_and_nothing_else(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
   checkpoint.manager("unused", read_only=True)  # installs the filter once; creates nothing
   for e in (RuntimeError("Event loop is closed"), RuntimeError("another"), ValueError("x")):
     sys.unraisablehook(types.SimpleNamespace(exc_value=e, exc_type=type(e), object=None))
   assert [str(e) for e in seen] == ["another", "x"]
+  asyncio_log = logging.getLogger("asyncio")
+  record = lambda msg: asyncio_log.makeRecord("asyncio", logging.ERROR, "f", 1, msg, (), None)
+  assert not asyncio_log.filter(record(
+      "Task exception was never retrieved\nfuture: <Task finished coro=<async_serialize() done, "
+      f"defined at /venv/orbax/checkpoint/_src/serialization.py:126>"))
+  assert asyncio_log.filter(record("Task exception was never retrieved\nfuture: <Task mine>"))
 
 
 # -- unreadable image files -------------------------------------------------------------------
