@@ -136,7 +136,7 @@ def test_abandoned_orbax_writes_are_quiet_and_nothing_else(monkeypatch):
   record = lambda msg: asyncio_log.makeRecord("asyncio", logging.ERROR, "f", 1, msg, (), None)
   assert not asyncio_log.filter(record(
       "Task exception was never retrieved\nfuture: <Task finished coro=<async_serialize() done, "
-      f"defined at /venv/orbax/checkpoint/_src/serialization.py:126>"))
+      "defined at /venv/orbax/checkpoint/_src/serialization.py:126>"))
   assert asyncio_log.filter(record("Task exception was never retrieved\nfuture: <Task mine>"))
 
 
