@@ -267,15 +267,16 @@ def skipped_files() -> int:
 
 
 def _decoded(ds, decode, skip: bool):
-  """(ds, decode) -> (ds with "ok" bool per example, the decode still to apply).
+  """(ds, decode) -> (ds, the decode still to apply).
 
   Image files are decoded here, each in a one-element dataset whose decode error is caught, so
-  an unreadable one becomes a 1x1 black image with ok False (after `_bad_file`) and the
-  stream keeps one element per record, in order. Other sources decode later and are all ok.
+  an unreadable one becomes a 1x1 black image with "ok" False (after `_bad_file`; good ones
+  have ok True) and the stream keeps one element per record, in order. Other sources are left
+  as they are (no "ok": all good) and decode later.
   """
   tf = _tf()
   if decode is not _decode_file:
-    return ds.map(lambda ex: {**ex, "ok": True}), decode
+    return ds, decode
 
   def one(ex):
     good = tf.data.Dataset.from_tensors(ex).map(
@@ -452,13 +453,13 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
     ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
     ds = ds.enumerate(start=first).map(
         lambda i, ex: {**tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
-                       "ok": ex["ok"]},
+                       "ok": ex.get("ok", True)},
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
     padded = -(-max(_host_sizes(cfg, split, process_count)) // local_batch) * local_batch
     ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
-    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": ex["ok"]},
+    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": ex.get("ok", True)},
                 num_parallel_calls=tf.data.AUTOTUNE)
     pad = {"tokens": tf.zeros([n_px * n_px], tf.int32), "labels": tf.constant(0, tf.int32),
            "valid": False}
@@ -495,7 +496,8 @@ def load_images(data_cfg, split: str, max_images: int | None = None, *,
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   images, labels = [], []
-  ds = ds.filter(lambda ex: ex["ok"]).map(prepare).with_options(_options(cfg["threads"]))
+  ds = ds.filter(lambda ex: ex.get("ok", True)).map(prepare)
+  ds = ds.with_options(_options(cfg["threads"]))
   for ex in _checked(ds.as_numpy_iterator(), cfg["skip_bad_files"]):
     image, label = ex["image"], ex["label"]
     if images and image.shape != images[0].shape:
