@@ -197,6 +197,7 @@ def test_bad_image_file_is_an_error_naming_it_without_skip(folder):
     data.load_images(cfg, "train")
 
 
+@pytest.mark.slow
 def test_skipped_files_are_counted_in_metrics(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_BAD_FILES", {})  # this run's count only
   monkeypatch.setattr(data, "_BAD_MET", [])
