@@ -43,7 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # fixes the init, the data order and augmentation, the BERT masks and the samples
 
   # Input (igpt_jax/data.py; unset fields take data.DEFAULTS). Splits use tfds slicing syntax.
-  c.data = dict(name="", train_split="train", eval_split="test", augment="none")
+  # skip_bad_files: an image file that does not decode (truncated, empty, not an image) is
+  # skipped with one warning naming it, counted in metrics.jsonl (`data_skipped_files`), and its
+  # batch slot filled with a copy of another image of the batch (docs/faults.md); False: the
+  # first such file stops the run, named. On, because a few broken files among a million should
+  # not end a month-long run, and each one is still named.
+  c.data = dict(name="", train_split="train", eval_split="test", augment="none",
+                skip_bad_files=True)
   # A (k, 3) .npy of colour centres, local or gs://; empty: fit one into workdir/palette.npy.
   c.palette = ""
   c.model = model_fields()  # preset= and IGPTConfig fields; None: unset (model.model_config)

@@ -11,6 +11,12 @@ The recorded model is the one configured (attention "auto"): each host that load
 the runtime fields for its own devices (`for_this_host`), so a run trained on TPUs probes,
 samples and fine-tunes on a CPU or GPU, and checkpoints that recorded a resolved kernel load so too.
 
+A save that fails (a full disk, a bucket quota, no permission) ends the run: the training loop
+polls the async save (`check_saves`) at every step, and the failure is one `SaveFailed` line
+naming the step, the cause, the path and the newest good checkpoint, with the partial step
+removed (launch scripts exit with its status, faults.SAVE_FAILED). Rerunning the same command
+once the storage is fixed resumes from that newest good checkpoint.
+
 A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
 warning that names its step and why: `load` and `restore` fall back to the newest one that
 reads; none readable is one error naming every step tried. Nothing is deleted; the training
@@ -33,8 +39,14 @@ returns it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import re
+import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -43,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from igpt_jax import faults
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
@@ -73,6 +86,38 @@ class UnreadableCheckpoint(Exception):
     self.step = step
 
 
+class _AbandonedWrites(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's own write tasks."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and
+                f"{os.sep}orbax{os.sep}" in message)
+
+
+def _quiet_abandoned_writes() -> None:
+  """Drops (once installed) what orbax leaves behind when one write of a save or restore fails.
+
+  orbax then gives up on the call and closes its event loop while TensorStore still holds the
+  other writes or reads: each of their completions tries to wake the closed loop (Python prints
+  `RuntimeError: Event loop is closed`, six lines of traceback, for every one: dozens for a full
+  disk), and asyncio logs each abandoned task's error when it is collected ("Task exception was
+  never retrieved"). The failure itself is reported once: `SaveFailed`, or the warning of an
+  unreadable checkpoint.
+  """
+  if getattr(sys.unraisablehook, "quiets_closed_loops", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedWrites())
+
+
 def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_only: bool = False,
             best_metric: str | None = None) -> ocp.CheckpointManager:
   """Async manager that keeps the last `keep` checkpoints (None: all).
@@ -80,6 +125,7 @@ def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_onl
   best_metric: also keep, whatever its age, the checkpoint with the highest value of that
   metric (orbax's BestN preservation; saves pass `metrics={best_metric: value}`).
   """
+  _quiet_abandoned_writes()
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   else:
@@ -113,7 +159,143 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
-  return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
+  if force or mngr.should_save(step):  # orbax then waits for the previous save: its failure
+    check_saves(mngr, wait=True)       # is reported as its own
+  try:
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
+  except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
+    if isinstance(e, OSError) or _save_cause(e) is not None:
+      raise _save_failed(mngr, step, e) from e
+    raise
+
+
+class SaveFailed(faults.Fault):
+  """A checkpoint that could not be written (the run's one error line says which and why)."""
+  status = faults.SAVE_FAILED
+
+
+# (errnos, words in the error's text) -> the cause as the line names it. Tensorstore reports
+# the OS error inside its message ("[os_error_code='28']"), GCS an HTTP status.
+_CAUSES = (
+    ((errno.ENOSPC,), ("no space left on device", "os_error_code='28'"), "no space left on device"),
+    ((errno.EDQUOT,), ("quota exceeded", "quotaexceeded", "ratelimitexceeded",
+                       "response code: 429", "os_error_code='122'"), "storage quota exceeded"),
+    ((errno.EROFS,), ("read-only file system", "os_error_code='30'"), "read-only file system"),
+    ((errno.EACCES, errno.EPERM), ("permission denied", "permission_denied",
+                                   "response code: 403", "os_error_code='13'"),
+     "permission denied"),
+    ((errno.EFBIG,), ("file too large", "os_error_code='27'"), "file too large (a size limit)"),
+)
+
+
+def _save_cause(error: BaseException | None) -> str | None:
+  """The known storage failure behind error (or an error it was raised from), else None."""
+  while error is not None:
+    text = str(error).lower()
+    for codes, words, cause in _CAUSES:
+      if getattr(error, "errno", None) in codes or any(w in text for w in words):
+        return cause
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _failed_path(error: BaseException, directory: paths.epath.Path, step: int) -> str:
+  """The file the error names under the checkpoint directory (deepest), else the step's dir."""
+  quoted = re.findall(r"[\"']([^\"']+)[\"']", str(error)) + [getattr(error, "filename", None)]
+  named = [p for p in quoted if p and str(p).startswith(str(directory))]
+  return max(named, key=len) if named else str(directory / str(step))
+
+
+def _remove_partial(directory: paths.epath.Path, step: int, settle_s: float = 1.0,
+                    patience_s: float = 10.0) -> list[str]:
+  """Removes what a failed save of step left (its `<step>.orbax-checkpoint-tmp*` folder, or an
+  unfinalized `<step>` one on a bucket), freeing the space it took; -> the paths removed.
+
+  orbax reports the first failed write while TensorStore still finishes the save's other writes
+  (measured: a 110 KB params file recreated the folder after it had been removed), so removal
+  repeats until the folders stay gone for settle_s, for up to patience_s; what still remains is
+  left, with a warning naming it.
+  """
+  if jax.process_index() != 0 or not directory.exists():
+    return []
+  finalized = set(ocp.path.step.checkpoint_steps(directory))
+  partial = [p for p in directory.iterdir()
+             if p.name.startswith(f"{step}.orbax-checkpoint-tmp") or
+             (p.name == str(step) and step not in finalized)]
+  deadline = time.monotonic() + patience_s
+  while True:
+    for path in partial:
+      try:
+        if path.exists():
+          path.rmtree()
+      except OSError:
+        pass  # refilled while being removed: the next round takes it
+    time.sleep(settle_s)
+    left = [p for p in partial if p.exists()]
+    if not left or time.monotonic() > deadline:
+      break
+  for path in left:
+    logging.warning("could not remove the partial checkpoint %s", path)
+  return [str(p) for p in partial if p not in left]
+
+
+def newest_good_step(directory) -> int | None:
+  """The newest finalized checkpoint step on disk (what a rerun resumes from), or None."""
+  return max(ocp.path.step.checkpoint_steps(paths.path(directory)), default=None)
+
+
+def _save_failed(mngr: ocp.CheckpointManager, step: int | None, error: BaseException,
+                preempted: bool = False) -> SaveFailed:
+  """The SaveFailed of step's save (its partial files removed first)."""
+  directory = paths.path(mngr.directory)
+  cause = _save_cause(error) or (
+      f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}")
+  path = _failed_path(error, directory, step)
+  removed = _remove_partial(directory, step) if step is not None else []
+  return SaveFailed(
+      f"{f'preempted at step {step}, and ' if preempted else ''}checkpoint step {step} was not "
+      f"saved: {cause} ({path}); {'removed its partial files; ' if removed else ''}"
+      f"{_resume_hint(directory)}")
+
+
+def _resume_hint(directory: paths.epath.Path) -> str:
+  good = newest_good_step(directory)
+  if good is None:
+    return f"no checkpoint of this run is in {directory}: a rerun starts from step 0"
+  return (f"the newest good checkpoint is step {good} in {directory}: fix the storage and rerun "
+          "the same command to resume from it")
+
+
+@contextlib.contextmanager
+def storage_watch(mngr: ocp.CheckpointManager):
+  """A write of the run (metrics.jsonl, a sample grid) that fails for lack of space, quota or
+  permission ends the run as one SaveFailed line too: the in-flight save's own failure when it
+  failed as well (a full disk is usually filled by it), else the file's."""
+  try:
+    yield
+  except OSError as e:
+    cause = _save_cause(e)
+    if cause is None:
+      raise
+    check_saves(mngr, wait=True)
+    raise SaveFailed(f"could not write {e.filename}: {cause}; "
+                     f"{_resume_hint(paths.path(mngr.directory))}") from e
+
+
+def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
+                preempted: bool = False) -> None:
+  """Raises SaveFailed when the newest async save has failed.
+
+  Without wait, returns at once while a save is still being written (cheap: call it every
+  step); with wait, blocks until it is done. preempted: the line says the run was preempted.
+  """
+  if not wait and mngr.is_saving_in_progress():
+    return
+  step = mngr.latest_step()  # a failed save is dropped from orbax's list only once waited on
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
+    raise _save_failed(mngr, step, e, preempted) from e
 
 
 def _read(mngr: ocp.CheckpointManager, step: int, **items):

@@ -35,6 +35,12 @@ _OWN_DIRS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("igpt_jax", "launch"
 _TPU_FAILURE = "Unable to initialize backend 'tpu'"
 # orbax warns on every read-only CheckpointManager; checkpoint.load opens one on purpose.
 _READ_ONLY = ("checkpoint_manager.py", "Given directory is read only")
+# orbax's reports of a failed background save, each with the write's traceback (several per
+# failed file); checkpoint.check_saves raises the same error as one SaveFailed line.
+_ORBAX_SAVE_FAILURES = ("_SignalingThread.run() raised an exception",
+                        "Handler Commit operations or the Commit callback",
+                        "[wait_until_finished] Save Finalize thread",
+                        "Checkpointer failed: one or more items may not be finalized")
 
 
 def _has_tpu_chips() -> bool:
@@ -67,7 +73,8 @@ class _ConsoleFilter(logging.Filter):
   """Passes warnings, errors and our own INFO lines; drops other libraries' INFO chatter.
 
   Dropped that way: orbax's line for every save and restore, matplotlib's font cache notice,
-  orbax's warning that a read-only checkpoint manager is read-only (that exact record), and
+  orbax's warning that a read-only checkpoint manager is read-only (that exact record), orbax's
+  tracebacks of a failed background save (the loop reports it as one line instead), and
   jax's "Unable to initialize backend 'tpu'" on a host without TPU chips (libtpu is installed
   for ahead-of-time TPU compiles; jax tries it first and falls back to the CPU). On a host that
   has TPU chips that failure means the run is not on them: it is shown as a warning.
@@ -76,6 +83,9 @@ class _ConsoleFilter(logging.Filter):
   def filter(self, record):
     if (os.path.basename(record.pathname) == _READ_ONLY[0] and
         record.getMessage().startswith(_READ_ONLY[1])):
+      return False
+    if (f"{os.sep}orbax{os.sep}" in record.pathname and
+        any(m in record.getMessage() for m in _ORBAX_SAVE_FAILURES)):
       return False
     if record.getMessage().startswith(_TPU_FAILURE):
       if not _has_tpu_chips():

@@ -8,6 +8,13 @@ Two kinds of source feed one pipeline:
 Both take tfds split syntax ("train[:45000]", "train[10%:]", "a+b") and are cut per host with
 `tfds.even_splits`, so host i reads its own disjoint slice.
 
+An image file that does not decode (truncated, empty, not an image) is found where it is read,
+never in a scan ahead. With `skip_bad_files` (the default) it is skipped with one warning per
+file, naming it and why, and counted (`skipped_files`): a training batch fills its slot with a
+copy of another image of the same batch (the first good one after it), so batch k stays a pure
+function of (seed, k) and resumes stay exact; an eval row is left out like a padding row. With
+skip_bad_files=False the first such file is a ValueError naming it.
+
 Train streams are a pure function of (data_cfg, seed, host): epoch e is the host slice shuffled with
 seed (seed, e), and every random augmentation is a stateless op seeded by (seed, position of the
 example in the stream). Batch k is therefore known without running batches 0..k-1, and
@@ -25,8 +32,10 @@ import functools
 import io
 import os
 import re
+import threading
 from typing import Iterator
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -39,7 +48,8 @@ KNOWN_TFDS = ("imagenet2012", "imagenet_resized/32x32", "imagenet_resized/64x64"
 AUGMENTS = ("none", "cifar", "imagenet")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 DEFAULTS = dict(name=None, data_dir=None, train_split="train", eval_split="test", augment="none",
-                shuffle_buffer=10_000, threads=0)  # threads 0: one per host core
+                shuffle_buffer=10_000, threads=0,  # threads 0: one per host core
+                skip_bad_files=True)  # see experiments/base.py
 
 
 @functools.cache
@@ -94,11 +104,17 @@ def _check_arrays(images, labels, where: str):
 
 
 def _read_npz(path: str):
-  with np.load(io.BytesIO(paths.path(path).read_bytes())) as f:
-    if "images" not in f or "labels" not in f:
-      raise ValueError(f"{path}: an .npz source needs arrays `images` and `labels`, "
-                       f"found {sorted(f.keys())}")
-    images, labels = f["images"], f["labels"]
+  try:
+    with np.load(io.BytesIO(paths.path(path).read_bytes())) as f:
+      if "images" not in f or "labels" not in f:
+        raise ValueError(f"{path}: an .npz source needs arrays `images` and `labels`, "
+                         f"found {sorted(f.keys())}")
+      images, labels = f["images"], f["labels"]
+  except Exception as e:  # pylint: disable=broad-except  # zip, pickle, EOF, OS errors
+    if str(e).startswith(path):
+      raise
+    raise ValueError(f"{path}: not a readable .npz of `images` uint8 [N, H, W, 3] and `labels` "
+                     f"int [N] ({type(e).__name__}: {e})") from e
   _check_arrays(images, labels, path)
   return images, labels.astype(np.int32)
 
@@ -165,7 +181,13 @@ def _local_source(path: str, split: str, index: int, count: int):
   ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
   if images.dtype == np.uint8:
     return ds, lambda image: image
-  return ds, lambda f: tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
+  return ds, _decode_file
+
+
+def _decode_file(path):
+  """tf string (an image file's path) -> uint8 [h, w, 3]."""
+  tf = _tf()
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
 
 
 def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
@@ -198,6 +220,106 @@ def _host_sizes(cfg: dict, split: str, count: int) -> list[int]:
     return [sum(len(range(*s.indices(len(labels)))) for _, labels, s in
                 _local_slices(cfg["name"], split, i, count)) for i in range(count)]
   return [int(_source(cfg, split, i, count)[0].cardinality()) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files that do not decode.
+
+_BAD_FILES: dict[str, str] = {}  # path -> why, for every unreadable file this process met
+_BAD_MET: list[str] = []  # the path of each time one was met, in order
+_BAD_LOCK = threading.Lock()
+
+
+def _why_unreadable(path: str) -> str:
+  """Why an image file does not decode, in a user's words (PIL tells what TensorFlow does not)."""
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  try:
+    raw = paths.path(path).read_bytes()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cannot be read ({type(e).__name__}: {e})"
+  if not raw:
+    return "empty file (0 bytes)"
+  try:
+    with Image.open(io.BytesIO(raw)) as image:
+      image.load()
+  except UnidentifiedImageError:
+    return f"not an image ({len(raw)} bytes in no image format PIL knows)"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"not a decodable image ({len(raw)} bytes; {type(e).__name__}: {e})"
+  return f"TensorFlow cannot decode it ({len(raw)} bytes; PIL can: an unusual variant?)"
+
+
+def _bad_file(path, skip) -> bool:
+  """tf.py_function, run for each image file that failed to decode: records it and warns once
+  per file when skipping (`_checked` raises otherwise); -> False, the example's `ok`."""
+  path = path.numpy().decode()
+  why = _why_unreadable(path)
+  with _BAD_LOCK:
+    new = path not in _BAD_FILES
+    _BAD_FILES[path] = why
+    _BAD_MET.append(path)
+  if new and skip.numpy():
+    logging.warning("skipping image %s: %s", path, why)
+  return False
+
+
+def skipped_files() -> int:
+  """Distinct image files this process's pipelines found unreadable so far (their input runs a
+  few batches ahead of the training step)."""
+  with _BAD_LOCK:
+    return len(_BAD_FILES)
+
+
+def _decoded(ds, decode, skip: bool):
+  """(ds, decode) -> (ds, the decode still to apply).
+
+  Image files are decoded here, each in a one-element dataset whose decode error is caught, so
+  an unreadable one becomes a 1x1 black image with "ok" False (after `_bad_file`; good ones
+  have ok True) and the stream keeps one element per record, in order. Other sources are left
+  as they are (no "ok": all good) and decode later.
+  """
+  tf = _tf()
+  if decode is not _decode_file:
+    return ds, decode
+
+  def one(ex):
+    good = tf.data.Dataset.from_tensors(ex).map(
+        lambda e: {**e, "image": _decode_file(e["image"]), "ok": True}).ignore_errors()
+
+    def bad(e):
+      ok = tf.py_function(_bad_file, [e["image"], skip], tf.bool)
+      ok.set_shape([])
+      return {**e, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": ok}
+    return good.concatenate(tf.data.Dataset.from_tensors(ex).map(bad)).take(1)
+
+  ds = ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds, lambda image: image
+
+
+def _checked(batches: Iterator[dict], skip: bool) -> Iterator[dict]:
+  """Batches (numpy) after the bad-file policy: without skip, the first unreadable file met is a
+  ValueError naming it; with skip, a batch's "ok" [B] is consumed: each row whose image did not
+  decode takes a copy of the first good row after it (wrapping around), so a batch keeps its
+  size and stays a function of its index."""
+  with _BAD_LOCK:
+    before = len(_BAD_MET)
+  for batch in batches:
+    ok = batch.pop("ok", None)
+    if not skip and (ok is None or not ok.all()):
+      with _BAD_LOCK:  # the pipeline's first bad file, met ahead of (or in) this batch
+        path = next(iter(_BAD_MET[before:]), None)
+      if path is not None:
+        raise ValueError(f"{path}: {_BAD_FILES[path]}; config.data.skip_bad_files=True skips "
+                         "such files with a warning")
+    if ok is not None and not ok.all():
+      good = np.flatnonzero(ok)
+      if not len(good):
+        raise ValueError(f"every image of a batch of {len(ok)} is unreadable (the warnings "
+                         "above name them)")
+      rows = good[np.searchsorted(good, np.arange(len(ok))) % len(good)]
+      batch = {k: v[rows] for k, v in batch.items()}
+    yield batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,20 +454,23 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
 
     first = start_step * local_batch  # position in the stream of this host's next example
     ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
+    ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
     ds = ds.enumerate(start=first).map(
-        lambda i, ex: tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
+        lambda i, ex: {**tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
+                       "ok": ex.get("ok", True)},
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
     padded = -(-max(_host_sizes(cfg, split, process_count)) // local_batch) * local_batch
-    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": True},
+    ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
+    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": ex.get("ok", True)},
                 num_parallel_calls=tf.data.AUTOTUNE)
     pad = {"tokens": tf.zeros([n_px * n_px], tf.int32), "labels": tf.constant(0, tf.int32),
            "valid": False}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padded - n))
     ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(2).with_options(_options(cfg["threads"]))
-  return ds.as_numpy_iterator()
+  return _checked(ds.as_numpy_iterator(), cfg["skip_bad_files"])
 
 
 def num_examples(data_cfg, split: str) -> int:
@@ -355,7 +480,8 @@ def num_examples(data_cfg, split: str) -> int:
 
 def load_images(data_cfg, split: str, max_images: int | None = None, *,
                 n_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 [N, H, W, 3], int32 [N]) of a split, in order, without augmentation.
+  """(uint8 [N, H, W, 3], int32 [N]) of a split, in order, without augmentation (and without
+  the image files that do not decode, under skip_bad_files).
 
   Images of differing sizes (ImageNet, image folders) need `n_px`: each is then cut to its centre
   square and resized to n_px, as the eval pipeline does.
@@ -365,15 +491,19 @@ def load_images(data_cfg, split: str, max_images: int | None = None, *,
   ds, decode = _source(cfg, split)
   if max_images is not None:
     ds = ds.take(max_images)
+  ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
 
   def prepare(ex):
     image = decode(ex["image"])
     if n_px is not None:
       image = _preprocess(image, "none", n_px, None)
-    return image, tf.cast(ex["label"], tf.int32)
+    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
   images, labels = [], []
-  for image, label in ds.map(prepare).with_options(_options(cfg["threads"])).as_numpy_iterator():
+  ds = ds.filter(lambda ex: ex.get("ok", True)).map(prepare)
+  ds = ds.with_options(_options(cfg["threads"]))
+  for ex in _checked(ds.as_numpy_iterator(), cfg["skip_bad_files"]):
+    image, label = ex["image"], ex["label"]
     if images and image.shape != images[0].shape:
       raise ValueError(f"{cfg['name']!r} {split!r} has images of sizes {images[0].shape} and "
                        f"{image.shape}: pass n_px to resize them")

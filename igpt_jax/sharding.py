@@ -86,20 +86,29 @@ def maybe_initialize_distributed() -> None:
 
   Cloud TPU slices (VM metadata, GKE, multislice) and SLURM clusters are detected by jax itself;
   a plain multi-host launch sets JAX_COORDINATOR_ADDRESS (host:port of process 0),
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. IGPT_HEARTBEAT_TIMEOUT_S sets the heartbeat timeout
+  (`_heartbeat`).
   """
   env = os.environ
   kind = launch_kind(env)
   if kind == "explicit":
     jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(env["JAX_NUM_PROCESSES"]),
-                               process_id=int(env["JAX_PROCESS_ID"]))
+                               process_id=int(env["JAX_PROCESS_ID"]), **_heartbeat())
   elif kind == "cluster":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_heartbeat())
   else:
     return
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _heartbeat() -> dict:
+  """IGPT_HEARTBEAT_TIMEOUT_S, when set: seconds without a heartbeat after which the job's
+  coordination service declares a process dead and ends every other one (jax's default: 100).
+  A process that dies mid-collective is usually noticed sooner (docs/faults.md)."""
+  value = os.environ.get("IGPT_HEARTBEAT_TIMEOUT_S")
+  return {} if value is None else {"heartbeat_timeout_seconds": int(value)}
 
 
 def require_one_process(script: str) -> None:

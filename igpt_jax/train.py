@@ -16,8 +16,11 @@ Both modes share everything else: state created (or restored) directly in its sh
 on the config's mesh; resume from the workdir's newest readable checkpoint (an unreadable one is
 moved to workdir/unreadable_checkpoints/ with a warning) at the exact data position; SIGTERM (or
 orbax's multi-host preemption signal) saves at the next step boundary and exits; a non-finite
-step stops the run naming the last good checkpoint; process 0 writes metrics.jsonl (`step`,
-`train_loss`, `eval_loss`, `eval_accuracy`, ...) and TensorBoard scalars.
+step stops the run naming the last good checkpoint; so does a failed async save, at the first
+step after orbax reports it (`checkpoint.SaveFailed`), and a collective that fails because a
+process of the job is gone (`faults.PeerLost`; docs/faults.md); process 0 writes metrics.jsonl
+(`step`, `train_loss`, `eval_loss`, `eval_accuracy`, `data_skipped_files`, ...) and TensorBoard
+scalars.
 
 Periodic evaluations are `Evaluator(every, fn)`: fn(params, step) -> {name: float}, run every
 `every` steps (0: never) and at the last step; its scalars go to metrics.jsonl, TensorBoard and
@@ -46,6 +49,7 @@ import numpy as np
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import console
 from igpt_jax import data as data_lib
+from igpt_jax import faults
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
@@ -133,6 +137,14 @@ def _model(config, workdir: str):
   return cfg, palette, params
 
 
+def _skipped_files() -> dict:
+  """{"data_skipped_files": n, summed over hosts} once the input has skipped unreadable files."""
+  n = data_lib.skipped_files()
+  if jax.process_count() > 1:
+    n = int(np.sum(multihost_utils.process_allgather(np.int32(n))))
+  return {"data_skipped_files": n} if n else {}
+
+
 def _datasets(config, cfg, palette, start_step: int):
   """(train iterator from batch start_step, fn() -> fresh eval iterator)."""
   common = dict(palette=palette, n_px=cfg.n_px, seed=config.seed)
@@ -169,7 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logging.info("model %s: %.2fM parameters, mesh %s", cfg, model_lib.param_count(cfg) / 1e6,
                dict(mesh.shape))
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop:
+  pending, synced = [], 0  # (step, metrics) still on device; the last step fetched
+  lost_peer = faults.peer_watch(lambda: faults.last_completed(pending, synced),
+                                lambda: ckpt_lib.newest_good_step(mngr.directory))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
+      lost_peer, ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)
     loop = {"best_step": 0, "best_eval_accuracy": -1.0, "stale": 0}  # early-stopping record
     start = 0
@@ -221,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def due_at(every: int, step: int) -> bool:
       return step == config.total_steps or (every > 0 and step % every == 0)
 
-    pending, window = [], []  # metrics still on device; fetched ones since the last log line
+    window, synced = [], start  # metrics fetched since the last log line
     last = {}
     t_log, step_log = time.perf_counter(), start
     for step in range(start + 1, config.total_steps + 1):
@@ -233,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, metrics = train_step(state, sharding_lib.shard_batch(
           {k: batch[k] for k in batch_keys}, mesh))
       pending.append((step, metrics))
+      ckpt_lib.check_saves(mngr)  # a failed async save stops the run here, not steps later
       due = {name: due_at(config[f"{name}_every"], step)
              for name in ("log", "checkpoint", "sample")}
       due["eval"] = [e for e in evaluators if due_at(e.every, step)]
@@ -246,20 +263,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       # Host sync: every step must be finite before anything is logged or saved.
       for s, m in jax.device_get(pending):
         if not (np.isfinite(m["loss"]) and np.isfinite(m["update_norm"])):
-          mngr.wait_until_finished()
+          ckpt_lib.check_saves(mngr, wait=True)
           raise FloatingPointError(
               f"non-finite training step at step {s} (loss {m['loss']}, update norm "
               f"{m['update_norm']}); the last good checkpoint is step {mngr.latest_step()} "
               f"in {mngr.directory}")
         window.append(m)
-      pending = []
+      pending, synced = [], step
       scalars = {}
       if due["log"] or due["preempted"]:
         steps_per_s = (step - step_log) / (time.perf_counter() - t_log)
         scalars = {f"train_{k}": float(np.mean([m[k] for m in window])) for k in window[0]
                    if k not in ("grad_norm", "update_norm")}
         scalars.update(grad_norm=float(window[-1]["grad_norm"]), steps_per_s=steps_per_s,
-                       tokens_per_s=steps_per_s * tokens_per_step)
+                       tokens_per_s=steps_per_s * tokens_per_step, **_skipped_files())
         window = []
       for evaluator in due["eval"]:
         with console.status(f"{evaluator.fn.__name__} at step {step}"):
@@ -293,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=True,
                       metrics=None if accuracy is None else {ckpt_lib.BEST_METRIC: accuracy})
       if due["preempted"]:
+        ckpt_lib.check_saves(mngr, wait=True, preempted=True)
         logging.warning("preempted: saved step %d, exiting", step)
         break
       if early_stop:
@@ -302,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if "train_loss" in scalars:  # evals, samples and saves stay out of the step rate
         t_log, step_log = time.perf_counter(), step
 
-  mngr.wait_until_finished()
+  ckpt_lib.check_saves(mngr, wait=True)
   mngr.close()
   if probe and jax.process_index() == 0:
     probe_lib.write_probe_vs_loss(workdir)

@@ -25,6 +25,7 @@ import jax
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import faults
 from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import train
@@ -56,6 +57,7 @@ def main(argv):
   if jax.process_index() == 0:
     paths.write_json(paths.path(workdir) / "finetune_results.json", results, indent=2)
   print(json.dumps(results))
+  faults.exit_done()
 
 
 if __name__ == "__main__":

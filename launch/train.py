@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from igpt_jax import console
+from igpt_jax import faults
 from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import train
@@ -40,13 +40,15 @@ def run(config, workdir: str) -> dict:
     sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding.maybe_initialize_distributed()
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  return train.train_and_evaluate(config, workdir)
+  with faults.exit_on_fault():  # a failed save, a lost peer: one line and a documented status
+    return train.train_and_evaluate(config, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   run(_CONFIG.value, _WORKDIR.value)
+  faults.exit_done()
 
 
 if __name__ == "__main__":
