@@ -21,9 +21,10 @@ import pytest
 from igpt_jax import checkpoint
 from igpt_jax import data
 from igpt_jax import faults
+from igpt_jax import metrics as metrics_lib
 from igpt_jax import train
 from test_multiprocess import free_port
-from test_train import REPO, TINY, files, read_metrics, tiny_config  # pylint: disable=unused-import
+from test_train import REPO, TINY, files, tiny_config  # pylint: disable=unused-import
 
 # pylint: disable=redefined-outer-name,protected-access
 
@@ -99,7 +100,7 @@ def test_failed_save_is_one_line_and_a_rerun_resumes(files, tmp_path, storage):
   assert status == 0 and any("resumed from step 10" in line for line in err), err[-20:]
   status, _ = finish(launch(files, tmp_path / "whole", 30, **steps))
   assert status == 0
-  want, got = read_metrics(tmp_path / "whole"), read_metrics(storage.workdir)
+  want, got = metrics_lib.read(tmp_path / "whole"), metrics_lib.read(storage.workdir)
   np.testing.assert_allclose([got[s]["train_loss"] for s in range(11, 31)],
                              [want[s]["train_loss"] for s in range(11, 31)], rtol=0, atol=1e-6)
 
@@ -206,7 +207,7 @@ def test_skipped_files_are_counted_in_metrics(folder, tmp_path, monkeypatch):
   config = tiny_config((folder, tmp_path / "palette.npy"), total_steps=2, checkpoint_every=0)
   config.data.train_split, config.data.eval_split = "train", "train"
   train.train_and_evaluate(config, str(tmp_path / "w"))
-  metrics = read_metrics(tmp_path / "w")
+  metrics = metrics_lib.read(tmp_path / "w")
   assert metrics[2]["data_skipped_files"] == 2  # both met by then (batches of 8 of 16 files)
 
 
@@ -244,7 +245,7 @@ def test_lost_process_ends_the_survivor_promptly_and_the_restart_resumes(files, 
   procs = launch_pair(files, tmp_path, 5000)
   metrics, killed = tmp_path / "metrics.jsonl", None
   while all(p.poll() is None for p in procs):
-    if metrics.exists() and max(read_metrics(tmp_path), default=0) >= 8:
+    if metrics.exists() and max(metrics_lib.read(tmp_path), default=0) >= 8:
       procs[1].send_signal(signal.SIGKILL)
       killed = time.monotonic()
       break
