@@ -292,10 +292,36 @@ def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
   if not wait and mngr.is_saving_in_progress():
     return
   step = mngr.latest_step()  # a failed save is dropped from orbax's list only once waited on
+  if jax.process_count() > 1:
+    _wait_for_peers(mngr, step)
   try:
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
     raise _save_failed(mngr, step, e, preempted) from e
+
+
+# A multi-process save ends in a barrier of every process, which waits for a dead one until the
+# heartbeat timeout. Waiting this long on a save, the processes take a roll call.
+ROLL_CALL_EVERY_S = 10.0
+
+
+def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None) -> None:
+  """Waits for the save in flight; faults.PeerLost if a process of the job is gone meanwhile.
+
+  Every process waits on the same save, so the k-th roll call (after k * ROLL_CALL_EVERY_S)
+  is the same one on all of them.
+  """
+  start, calls = time.monotonic(), 0
+  while mngr.is_saving_in_progress():
+    time.sleep(0.2)
+    if time.monotonic() - start < (calls + 1) * ROLL_CALL_EVERY_S:
+      continue
+    calls += 1
+    lost = faults.lost_processes(f"save_{step}_{calls}")
+    if lost:
+      raise faults.peer_lost(lost, f"the save of step {step} waited "
+                             f"{time.monotonic() - start:.0f} s for it", step,
+                             newest_good_step(mngr.directory))
 
 
 def _read(mngr: ocp.CheckpointManager, step: int, **items):

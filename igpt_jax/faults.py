@@ -92,24 +92,34 @@ def _client():
   return distributed.global_state.client
 
 
-def lost_processes(timeout_s: float = ROLL_CALL_S) -> list[int]:
-  """The processes of the job that do not answer a roll call within timeout_s.
+def lost_processes(tag: str = "failure", timeout_s: float = ROLL_CALL_S) -> list[int]:
+  """The processes of the job that do not answer roll call `tag` within timeout_s.
 
-  Each survivor writes its key into the coordination service's key-value store and reads the
-  others'; keys outlive their writers, so a survivor that answered and already left still
-  counts as alive. When the service itself is gone, its host (process 0) is the lost one.
+  Each survivor writes its key under the tag into the coordination service's key-value store
+  and reads the others'; keys outlive their writers, so a survivor that answered and already
+  left still counts as alive (a roll call repeated by every process takes a new tag). When the
+  service itself is gone, its host (process 0) is the lost one.
   """
   client, me, n = _client(), jax.process_index(), jax.process_count()
   try:
-    client.key_value_set(f"igpt_roll_call/{me}", "alive")
+    client.key_value_set(f"igpt_roll_call/{tag}/{me}", "alive")
     deadline = time.monotonic() + timeout_s
     while True:
-      answered = {int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get("igpt_roll_call/")}
+      answered = {int(k.rsplit("/", 1)[1])
+                  for k, _ in client.key_value_dir_get(f"igpt_roll_call/{tag}/")}
       if len(answered) == n or time.monotonic() > deadline:
         return sorted(set(range(n)) - answered)
       time.sleep(0.1)
   except Exception:  # pylint: disable=broad-except  # the coordination service is unreachable
     return [0]
+
+
+def peer_lost(lost: list[int], what: str, last_step: int, newest: int | None) -> PeerLost:
+  """The run's one line for lost processes, noticed because `what` happened."""
+  return PeerLost(
+      f"lost process {', '.join(map(str, lost))} of {jax.process_count()} ({what}); this is "
+      f"process {jax.process_index()}, last completed step {last_step}, newest checkpoint "
+      f"{'none' if newest is None else f'step {newest}'}: restart the job to resume from it")
 
 
 @contextlib.contextmanager
@@ -124,14 +134,9 @@ def peer_watch(last_step: Callable[[], int], newest_checkpoint: Callable[[], int
     lost = lost_processes()
     if not lost:  # everyone answered: not a lost process after all
       raise
-    newest = newest_checkpoint()
     first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise PeerLost(
-        f"lost process {', '.join(map(str, lost))} of "
-        f"{jax.process_count()} (a collective failed: {first}); this is process "
-        f"{jax.process_index()}, last completed step {last_step()}, newest checkpoint "
-        f"{'none' if newest is None else f'step {newest}'}: restart the job to resume from it"
-    ) from e
+    raise peer_lost(lost, f"a collective failed: {first}", last_step(),
+                    newest_checkpoint()) from e
 
 
 def last_completed(pending, synced: int) -> int:

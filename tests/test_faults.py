@@ -259,7 +259,8 @@ def test_lost_process_ends_the_survivor_promptly_and_the_restart_resumes(files, 
   assert took < LOST_WITHIN_S, took
   newest = checkpoint.newest_good_step(tmp_path / "checkpoints")
   assert len(lines) == 1 and re.search(
-      rf"lost process 1 of 2 \(a collective failed: .*\); this is process 0, last completed "
+      rf"lost process 1 of 2 \((a collective failed: .*|the save of step \d+ waited \d+ s "
+      rf"for it)\); this is process 0, last completed "
       rf"step \d+, newest checkpoint step {newest}: restart", lines[0]), lines
   assert not [line for line in err if re.search(r"Fatal|Traceback|Check failure", line)]
 
@@ -268,3 +269,32 @@ def test_lost_process_ends_the_survivor_promptly_and_the_restart_resumes(files, 
     status, err = finish(p)
     assert status == 0 and any(f"resumed from step {newest}" in line for line in err), err[-20:]
   assert checkpoint.newest_good_step(tmp_path / "checkpoints") == newest + 4
+
+
+class _SaveInFlight:
+  """A manager whose save finishes after `seconds` (never, for None)."""
+
+  def __init__(self, directory, seconds=None):
+    self.directory, self.done_at = directory, None if seconds is None else time.monotonic() + seconds
+
+  def is_saving_in_progress(self):
+    return self.done_at is None or time.monotonic() < self.done_at
+
+
+def test_a_save_waiting_on_a_lost_process_ends_in_the_roll_call(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint, "ROLL_CALL_EVERY_S", 0.3)
+  calls = []
+  monkeypatch.setattr(faults, "lost_processes", lambda tag: calls.append(tag) or [1])
+  with pytest.raises(faults.PeerLost, match=r"lost process 1 of 1 \(the save of step 8 waited "
+                     r"0 s for it\); this is process 0, last completed step 8, newest "
+                     r"checkpoint none: restart"):
+    checkpoint._wait_for_peers(_SaveInFlight(tmp_path), 8)  # pylint: disable=protected-access
+  assert calls == ["save_8_1"]
+
+
+def test_a_slow_save_with_every_process_present_is_waited_for(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpoint, "ROLL_CALL_EVERY_S", 0.2)
+  calls = []
+  monkeypatch.setattr(faults, "lost_processes", lambda tag: calls.append(tag) or [])
+  checkpoint._wait_for_peers(_SaveInFlight(tmp_path, 1.0), 8)  # pylint: disable=protected-access
+  assert calls[:2] == ["save_8_1", "save_8_2"] and len(calls) >= 3  # one tag per roll call
