@@ -160,7 +160,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
   if force or mngr.should_save(step):  # orbax then waits for the previous save: its failure
-    check_saves(mngr, wait=True)       # is reported as its own
+    check_saves(mngr, wait=True, done=step)  # is reported as its own
   try:
     return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
   except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
@@ -283,17 +283,18 @@ def storage_watch(mngr: ocp.CheckpointManager):
 
 
 def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
-                preempted: bool = False) -> None:
+                preempted: bool = False, done: int | None = None) -> None:
   """Raises SaveFailed when the newest async save has failed.
 
   Without wait, returns at once while a save is still being written (cheap: call it every
   step); with wait, blocks until it is done. preempted: the line says the run was preempted.
+  done: the loop's last completed step, for the lost-process line (default: the save's step).
   """
   if not wait and mngr.is_saving_in_progress():
     return
   step = mngr.latest_step()  # a failed save is dropped from orbax's list only once waited on
   if jax.process_count() > 1:
-    _wait_for_peers(mngr, step)
+    _wait_for_peers(mngr, step, step if done is None else done)
   try:
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
@@ -305,7 +306,7 @@ def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
 ROLL_CALL_EVERY_S = 10.0
 
 
-def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None) -> None:
+def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None, done: int | None) -> None:
   """Waits for the save in flight; faults.PeerLost if a process of the job is gone meanwhile.
 
   Every process waits on the same save, so the k-th roll call (after k * ROLL_CALL_EVERY_S)
@@ -320,7 +321,7 @@ def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None) -> None:
     lost = faults.lost_processes(f"save_{step}_{calls}")
     if lost:
       raise faults.peer_lost(lost, f"the save of step {step} waited "
-                             f"{time.monotonic() - start:.0f} s for it", step,
+                             f"{time.monotonic() - start:.0f} s for it", done,
                              newest_good_step(mngr.directory))
 
 

@@ -10,12 +10,6 @@ best checkpoint's accuracy on it goes with the held-out figures into W/finetune_
 """
 
 import json
-import os
-import sys
-
-# `python launch/finetune.py` puts launch/ first on the path; configs import their siblings as
-# `experiments.*` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app

@@ -10,12 +10,6 @@ With --config, the data, split and resolution come from `config.data` and `confi
 the split at the model's resolution, as the tokenizer will see them (here a random --n_pixels of
 them; launch/train.py fits all).
 """
-import os
-import sys
-
-# `python launch/fit_palette.py` puts launch/ first on the path; configs import their siblings as
-# `experiments.*` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

@@ -24,9 +24,6 @@ import sys
 
 # Eager work stays on the host; the TPU / GPU devices only compile. Must precede the jax import.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# `python launch/plan.py` puts launch/ first on the path; configs import their siblings as
-# `experiments.*` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position

@@ -19,12 +19,6 @@ W/probe/checkpoints.json). Keep the steps with `config.keep_checkpoints` when tr
 """
 
 import json
-import os
-import sys
-
-# `python launch/probe.py` puts launch/ first on the path; configs import their siblings as
-# `experiments.*` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

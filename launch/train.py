@@ -10,12 +10,6 @@ config mesh that fills the devices (a -1) spans every core: each core is one XLA
 (`sharding.use_one_cpu_device_per_core`) and the batch is split over them.
 """
 
-import os
-import sys
-
-# `python launch/train.py` puts launch/ first on the path; configs import their siblings as
-# `experiments.*` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags

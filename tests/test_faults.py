@@ -243,14 +243,17 @@ def launch_pair(files, workdir, steps):
 @pytest.mark.slow
 def test_lost_process_ends_the_survivor_promptly_and_the_restart_resumes(files, tmp_path):
   procs = launch_pair(files, tmp_path, 5000)
+  # Killed once a checkpoint has committed (on 2 loaded cores the first save can still be in
+  # flight at step 8), so that the restart has one to resume from.
   metrics, killed = tmp_path / "metrics.jsonl", None
   while all(p.poll() is None for p in procs):
-    if metrics.exists() and max(metrics_lib.read(tmp_path), default=0) >= 8:
+    if (metrics.exists() and max(metrics_lib.read(tmp_path), default=0) >= 8
+        and checkpoint.newest_good_step(tmp_path / "checkpoints") is not None):
       procs[1].send_signal(signal.SIGKILL)
       killed = time.monotonic()
       break
     time.sleep(0.05)
-  assert killed is not None, "the job ended before step 8"
+  assert killed is not None, "the job ended before step 8 and a checkpoint"
   status, err = finish(procs[0], timeout=LOST_WITHIN_S + 60)
   took = time.monotonic() - killed
   procs[1].wait()
@@ -258,10 +261,13 @@ def test_lost_process_ends_the_survivor_promptly_and_the_restart_resumes(files, 
   assert status == faults.PEER_LOST, err[-30:]
   assert took < LOST_WITHIN_S, took
   newest = checkpoint.newest_good_step(tmp_path / "checkpoints")
-  assert len(lines) == 1 and re.search(
-      rf"lost process 1 of 2 \((a collective failed: .*|the save of step \d+ waited \d+ s "
+  found = len(lines) == 1 and re.search(
+      rf"lost process 1 of 2 \((a collective failed: .*|the save of step (\d+) waited \d+ s "
       rf"for it)\); this is process 0, last completed "
-      rf"step \d+, newest checkpoint step {newest}: restart", lines[0]), lines
+      rf"step (\d+), newest checkpoint step {newest}: restart", lines[0])
+  assert found, lines
+  saving, last = found.group(2), int(found.group(3))
+  assert last >= 8 and (saving is None or last >= int(saving)), lines  # the loop's step
   assert not [line for line in err if re.search(r"Fatal|Traceback|Check failure", line)]
 
   procs = launch_pair(files, tmp_path, newest + 4)
@@ -286,9 +292,9 @@ def test_a_save_waiting_on_a_lost_process_ends_in_the_roll_call(tmp_path, monkey
   calls = []
   monkeypatch.setattr(faults, "lost_processes", lambda tag: calls.append(tag) or [1])
   with pytest.raises(faults.PeerLost, match=r"lost process 1 of 1 \(the save of step 8 waited "
-                     r"0 s for it\); this is process 0, last completed step 8, newest "
+                     r"0 s for it\); this is process 0, last completed step 12, newest "
                      r"checkpoint none: restart"):
-    checkpoint._wait_for_peers(_SaveInFlight(tmp_path), 8)  # pylint: disable=protected-access
+    checkpoint._wait_for_peers(_SaveInFlight(tmp_path), 8, 12)  # pylint: disable=protected-access
   assert calls == ["save_8_1"]
 
 
@@ -296,5 +302,5 @@ def test_a_slow_save_with_every_process_present_is_waited_for(tmp_path, monkeypa
   monkeypatch.setattr(checkpoint, "ROLL_CALL_EVERY_S", 0.2)
   calls = []
   monkeypatch.setattr(faults, "lost_processes", lambda tag: calls.append(tag) or [])
-  checkpoint._wait_for_peers(_SaveInFlight(tmp_path, 1.0), 8)  # pylint: disable=protected-access
+  checkpoint._wait_for_peers(_SaveInFlight(tmp_path, 1.0), 8, 8)  # pylint: disable=protected-access
   assert calls[:2] == ["save_8_1", "save_8_2"] and len(calls) >= 3  # one tag per roll call
