@@ -171,6 +171,7 @@ def _probe_config(root, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_run_writes_results_plot_and_baselines(run_dir):
   results = probe.run(_probe_config(run_dir), str(run_dir / "run"), baselines=True)
   out = run_dir / "run" / "probe"
@@ -256,7 +257,7 @@ def test_spread_layers_include_the_middle_and_the_top():
   assert probe.spread_layers(2) == (0, 1, 2)
 
 
-def test_evaluator_on_a_sharded_mesh_equals_the_offline_probe(run_dir, params):
+def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_probe(run_dir, params):
   from igpt_jax import data as data_lib
   from igpt_jax import sharding as sharding_lib
   config = _evaluator_config(run_dir)

@@ -97,6 +97,7 @@ def test_data_mesh_uses_the_most_devices_that_split_the_batch():
   assert dict(sharding.data_mesh(16).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
+@pytest.mark.slow
 def test_one_cpu_device_per_core(tmp_path):
   """In a fresh process the host CPU becomes one device per core; a set count is kept."""
 
