@@ -91,6 +91,7 @@ def test_completions_keep_the_prompt(params):
   assert sample_lib.prefix_length(CFG, rows=2) == 8 == sample_lib.prefix_length(CFG, fraction=.5)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_equals_unsharded(params, prompt):
   assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
   mesh = sharding.make_mesh((4, 2, 1))
