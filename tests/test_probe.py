@@ -133,7 +133,7 @@ def test_tables_and_low_data(tmp_path):
   assert json.load(open(tmp_path / "r.json"))["best_layer"] == table["best_layer"]
 
 
-def test_pixel_features():
+def test_pixel_histograms_sum_to_one_and_rgb_has_three_values_per_pixel():
   pal = np.linspace(-1, 1, 16 * 3, dtype=np.float32).reshape(16, 3)
   tokens = _tokens(3)
   hist = probe.pixel_features(tokens, pal, CFG.n_px)

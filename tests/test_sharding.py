@@ -75,7 +75,7 @@ def test_accumulation_equals_full_batch(single):
   np.testing.assert_allclose(losses, single[0], rtol=1e-5)
 
 
-def test_mesh_shape():
+def test_mesh_shape_fills_one_minus_one_and_refuses_bad_shapes():
   assert sharding.mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   assert sharding.mesh_shape((2, 2, 2), 8) == (2, 2, 2)
   for bad in [(3, -1, 1), (2, 2, 1), (-1, -1, 1), (0, 8, 1), (8, 1)]:
