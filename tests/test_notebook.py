@@ -10,13 +10,17 @@ import re
 import subprocess
 import sys
 
+import jax
 import nbformat
 import numpy as np
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
+from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import metrics
+from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from conftest import write_random_hf_imagegpt
 
@@ -24,6 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "explore.ipynb"
 N_PX, K = 16, 16  # the released models draw 32x32 images; a smaller stand-in is faster
 WHITE, GREY = (255, 255, 255), (128, 128, 128)  # grid background, hidden half of the inputs
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first two line colours
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +38,9 @@ def hf_dir(tmp_path_factory):
   return write_random_hf_imagegpt(d, palette, n_px=N_PX, n_layer=2, n_embd=32, n_head=2), palette
 
 
-@pytest.fixture(scope="module")
-def executed(hf_dir, cifar10_npz, tmp_path_factory):
-  d = tmp_path_factory.mktemp("notebook")
-  env = {**os.environ, "IGPT_HF_DIR": str(hf_dir[0]), "IGPT_IMAGES": str(cifar10_npz),
-         "IGPT_WORKDIR": str(d / "demo"),  # the fallback: must stay untouched
+def execute(d: pathlib.Path, **env_vars):
+  """The notebook run in a kernel started in d, with env_vars in its environment."""
+  env = {**os.environ, **env_vars,
          # The kernel starts in a scratch directory: the package comes from the repo.
          "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
   env.pop("MPLBACKEND", None)  # the kernel's inline backend draws the plots
@@ -46,6 +49,36 @@ def executed(hf_dir, cifar10_npz, tmp_path_factory):
   # Raises CellExecutionError (with the traceback) if any cell fails.
   NotebookClient(nb, kernel_name="python3", timeout=600,
                  resources={"metadata": {"path": str(d)}}).execute(env=env)
+  return nb
+
+
+@pytest.fixture(scope="module")
+def executed(hf_dir, cifar10_npz, tmp_path_factory):
+  d = tmp_path_factory.mktemp("notebook")
+  # IGPT_WORKDIR is the fallback's run: it must stay untouched.
+  nb = execute(d, IGPT_HF_DIR=str(hf_dir[0]), IGPT_IMAGES=str(cifar10_npz),
+               IGPT_WORKDIR=str(d / "demo"))
+  return nb, d
+
+
+@pytest.fixture(scope="module")
+def fallback(cifar10_npz, tmp_path_factory):
+  """The notebook with the hub out of reach (HF_HUB_OFFLINE), on a weights-only checkpoint of
+  a 4x4 model with a 16-colour palette and the loop's metrics of 20 steps."""
+  d = tmp_path_factory.mktemp("fallback")
+  rng = np.random.default_rng(0)
+  cfg = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
+  # Random weights (an initialised model's output table is zero: it would sample uniformly).
+  params = jax.tree.map(lambda p: 0.2 * rng.standard_normal(p.shape, np.float32),
+                        jax.eval_shape(model_lib.init_params, cfg, jax.random.key(0)))
+  palette = rng.uniform(-1, 1, (16, 3)).astype(np.float32)
+  checkpoint.save_params(str(d / "run"), cfg, params, palette, step=20)
+  writer = metrics.Writer(d / "run")
+  for step in range(1, 21):  # a train loss every step, an eval loss now and then
+    writer.write(step, {"train_loss": 2.8 - 0.02 * step, **({"eval_loss": 2.6} if step % 10 == 0
+                                                              else {})})
+  nb = execute(d, IGPT_WORKDIR=str(d / "run"), IGPT_IMAGES=str(cifar10_npz), HF_HUB_OFFLINE="1",
+               HF_HOME=str(d / "hf_home"))
   return nb, d
 
 
@@ -146,3 +179,14 @@ def test_setup_cell_without_a_checkout_asks_for_the_repository_url(tmp_path):
                         text=True, env={"PATH": os.environ["PATH"]}, timeout=60)
   assert proc.returncode != 0 and "set IGPT_REPO_URL" in proc.stderr
   assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_without_the_hub_the_notebook_loads_the_run_and_plots_its_losses(fallback):
+  nb, d = fallback
+  assert all(c.execution_count for c in nb.cells if c.cell_type == "code")
+  assert "could not download openai/imagegpt-small" in text(cell(nb, "hub"))
+  assert f"{d / 'run'} (step 20): " in text(cell(nb, "load"))
+  assert checkpoint.steps(str(d / "run")) == [20]  # loaded as it is, not trained
+  (plot,) = pngs(cell(nb, "metrics"))
+  assert {BLUE, ORANGE} <= colours(plot)
