@@ -1,8 +1,8 @@
 """Sampling throughput: our jitted KV-cache sampler, optionally against Hugging Face's ImageGPT.
 
-  python bench/sample.py                 # ours only, D 256, 8 layers, 8 heads, 32x32, batch 4
-  python bench/sample.py --peer          # + ImageGPTForCausalImageModeling.generate, same shape
-  python bench/sample.py --device_report # iGPT-S shapes at batch 64 in bf16 (for a GPU)
+  python -m bench.sample                 # ours only, D 256, 8 layers, 8 heads, 32x32, batch 4
+  python -m bench.sample --peer          # + ImageGPTForCausalImageModeling.generate, same shape
+  python -m bench.sample --device_report # iGPT-S shapes at batch 64 in bf16 (for a GPU)
 
 Both sides draw whole images (n_px**2 tokens per image) from random weights at temperature 1 with
 no filtering; compile time is excluded (one warm-up call). The last line is one JSON object.
@@ -14,7 +14,6 @@ device's streaming read bandwidth (`read_gb_per_s`, a 1 GiB sum) and the tokens/
 bandwidth would allow if every byte were read once at that speed (`bandwidth_bound_tokens_per_s`).
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -97,15 +96,16 @@ def main(argv):
                                n_head=FLAGS.n_head, dtype=FLAGS.dtype)
     batch = FLAGS.batch
   tokens = batch * cfg.n_ctx
+  load_before = common.load()
   mesh = sharding.data_mesh(batch) if jax.default_backend() == "cpu" else None
   devices = 1 if mesh is None else mesh.size
   ours = time_ours(cfg, batch, FLAGS.repeats, mesh)
-  result = {"device": str(jax.devices()[0].device_kind), "n_layer": cfg.n_layer,
-            "n_embd": cfg.n_embd, "n_head": cfg.n_head, "n_px": cfg.n_px, "batch": batch,
-            "devices": devices, "dtype": cfg.dtype, "cpu_count": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0],
-            "ours_seconds": round(ours, 3), "ours_tokens_per_s": round(tokens / ours, 1),
-            "ours_images_per_s": round(batch / ours, 3)}
+  result = dict(bench="sample", device=common.device_name(), n_layer=cfg.n_layer,
+                n_embd=cfg.n_embd, n_head=cfg.n_head, n_px=cfg.n_px, batch=batch,
+                devices=devices, dtype=cfg.dtype, cpu_count=os.cpu_count(),
+                ours_seconds=round(ours, 3), ours_tokens_per_s=round(tokens / ours, 1),
+                ours_images_per_s=round(batch / ours, 3),
+                peak_memory_gib=common.peak_memory_gib())
   step_bytes, read = bytes_per_step(cfg, batch), common.read_bandwidth()
   result.update(step_mb=round(step_bytes / 1e6, 1),
                 ours_gb_per_s=round(step_bytes * cfg.n_ctx / ours / 1e9, 1),
@@ -116,7 +116,8 @@ def main(argv):
     result.update(settings, peer_sampler="generate(do_sample, top_k 0, temperature 1, cache)",
                   peer_seconds=round(peer, 3), peer_tokens_per_s=round(tokens / peer, 1),
                   ratio=round(peer / ours, 2))
-  print(json.dumps(result))
+  result.update(load_before=round(load_before, 2), load_after=round(common.load(), 2))
+  common.emit(result)
 
 
 if __name__ == "__main__":

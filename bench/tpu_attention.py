@@ -18,12 +18,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import topologies
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bench import common
 from igpt_jax import attention
+from igpt_jax import sharding
 
 flags.DEFINE_string("topology", "v5p:4x4x2", "TPU slice, <gen>:<chips>")
 flags.DEFINE_integer("n_px", 32, "image side; T = n_px**2")
@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 
 def compile_attention(mesh, shape, implementation: str, causal: bool) -> dict:
   """Compiles grad of sum(attention) for bf16 q/k/v [B, T, H, K]; per-chip memory and time."""
-  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  spec = NamedSharding(mesh, P(sharding.BATCH_AXES, None, "tensor", None))
   x = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=spec)
 
   def loss(q, k, v):
@@ -53,8 +53,7 @@ def compile_attention(mesh, shape, implementation: str, causal: bool) -> dict:
 
 def main(_):
   devices = topologies.get_topology_desc(topology_name=FLAGS.topology, platform="tpu").devices
-  mesh = jax.sharding.Mesh(np.array(devices).reshape(len(devices), 1, 1),
-                           ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  mesh = sharding.make_mesh((-1, 1, 1), devices)
   shape = (FLAGS.batch, FLAGS.n_px**2, FLAGS.heads, FLAGS.head_dim)
   record = dict(bench="tpu_attention", topology=FLAGS.topology, chips=len(devices),
                 shape_bthk=list(shape), causal=FLAGS.causal, dtype="bfloat16")

@@ -1,11 +1,16 @@
-"""Shared test fixtures: fake CPU devices for mesh tests, the real images in ../shared/data, and a
-GCS server on localhost (`gcs`)."""
+"""Shared test pieces: fake CPU devices for mesh tests, the real images in ../shared/data, the
+tiny training run (`files`, `tiny_config`, `launch`), two processes as one job (`launch_pair`),
+and a GCS server on localhost (`gcs`). Test modules import helpers from here, never from each
+other."""
 
+import importlib.util
+import json
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 # Mesh tests need several devices; on CPU, XLA can fake them. Must be set before jax imports.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +19,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
+from igpt_jax import metrics as metrics_lib
+from igpt_jax import palette as palette_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "experiments" / "tiny_test.py"
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR10_NPZ = SHARED_DATA / "cifar10" / "train.npz"
 
@@ -32,6 +42,109 @@ def cifar10_sample(cifar10_npz):
     return f["images"][:512], f["labels"][:512]
 
 
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# -- the tiny training run ---------------------------------------------------------------------
+
+STEPS = 60  # of a `launch` run
+PAIR_STEPS = 40  # of a `launch_pair` run: tiny steps are fast, room for the hosts to agree on a stop
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A 64-image .npz (8x8 smooth random images) and a 16-colour palette."""
+  d = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  coarse = rng.integers(0, 256, (64, 2, 2, 3))
+  images = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
+  np.savez(d / "images.npz", images=images, labels=rng.integers(0, 10, 64))
+  palette_lib.save_palette(d / "palette.npy", rng.uniform(-1, 1, (16, 3)).astype(np.float32))
+  return d / "images.npz", d / "palette.npy"
+
+
+def tiny_config(files, **overrides):  # pylint: disable=redefined-outer-name
+  """experiments/tiny_test.py on `files`, with overrides."""
+  spec = importlib.util.spec_from_file_location("tiny_test", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.name, config.palette = str(files[0]), str(files[1])
+  config.update(overrides)
+  return config
+
+
+def launch(files, workdir, **extra):  # pylint: disable=redefined-outer-name
+  """launch/train.py on the tiny config for STEPS steps, as a subprocess."""
+  args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
+          f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
+          f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
+          "--config.eval_every=30", f"--config.sample_every={STEPS}"]
+  args += [f"--config.{k}={v}" for k, v in extra.items()]
+  return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def interrupt(proc, workdir, sig, after_step):
+  """Sends sig once metrics.jsonl shows after_step; -> the process's stderr."""
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if max(metrics_lib.read(workdir), default=0) >= after_step:
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  _, err = proc.communicate(timeout=300)
+  return err
+
+
+def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
+  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each."""
+  port, procs = free_port(), []
+  for i in range(2):
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
+            f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
+            f"--config.total_steps={PAIR_STEPS}", "--config.checkpoint_every=4",
+            "--config.eval_every=20", "--config.sample_every=0"]
+    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def finish_pair(procs) -> list[str]:
+  """Waits for both processes; -> their stderr, after checking that both exited cleanly."""
+  errs = [p.communicate(timeout=600)[1] for p in procs]  # start-up is slow on a loaded host
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  return errs
+
+
+# -- a stand-in for OpenAI's weights on the hub ---------------------------------------------------
+
+def write_random_hf_imagegpt(hf_dir: pathlib.Path, palette, *, n_px: int, n_layer: int,
+                             n_embd: int, n_head: int) -> pathlib.Path:
+  """A random transformers ImageGPTForCausalImageModeling, saved as the hub ships
+  openai/imagegpt-*: config.json, model.safetensors and preprocessor_config.json, whose
+  `clusters` are `palette` [k, 3]. Skips without the peer extra."""
+  torch = pytest.importorskip("torch", reason="the stand-in ImageGPT needs the peer extra")
+  transformers = pytest.importorskip("transformers",
+                                     reason="the stand-in ImageGPT needs the peer extra")
+  torch.manual_seed(0)
+  hf_cfg = transformers.ImageGPTConfig(vocab_size=len(palette) + 1, n_positions=n_px * n_px,
+                                       n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+  transformers.ImageGPTForCausalImageModeling(hf_cfg).save_pretrained(hf_dir)
+  (hf_dir / "preprocessor_config.json").write_text(json.dumps(
+      {"image_processor_type": "ImageGPTImageProcessor", "clusters": np.asarray(palette).tolist(),
+       "do_resize": True, "size": {"height": n_px, "width": n_px},
+       "do_normalize": True, "do_color_quantize": True}))
+  return hf_dir
+
+
 # -- a GCS server on localhost -----------------------------------------------------------------
 
 GCS_BUCKET = "igpt-test"  # TensorStore, like GCS, refuses bucket names under 3 characters
@@ -47,9 +160,7 @@ class GcsEmulator:
   """
 
   def __init__(self, root: pathlib.Path):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
+    self.port = free_port()
     self.root, self.proc = root, None
     url = f"http://127.0.0.1:{self.port}"
     self.env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,

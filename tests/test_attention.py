@@ -101,7 +101,7 @@ def test_bfloat16_inputs_keep_float32_softmax():
   np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)
 
 
-def test_resolve():
+def test_auto_attention_follows_the_target_platform_and_dtype():
   assert attention.resolve("xla", jnp.float32) == "xla"
   expected = "blocked" if jax.default_backend() != "gpu" else "cudnn"
   assert attention.resolve("auto", jnp.bfloat16) == expected

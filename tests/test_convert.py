@@ -206,6 +206,7 @@ def test_read_hf_dir_errors(tmp_path):
     convert.read_hf_dir(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_launch_convert_writes_a_loadable_checkpoint(hf_model, tmp_path):
   from igpt_jax import checkpoint, palette as palette_lib
   hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
@@ -301,6 +302,7 @@ def test_from_openai_refuses_broken_checkpoints(edit, message):
     convert.from_openai(_openai_variables(CFG), n_layer=3)
 
 
+@pytest.mark.slow
 def test_tf_checkpoint_through_launch_convert(tmp_path):
   tf = pytest.importorskip("tensorflow", reason="reading TF checkpoints needs the data extra")
   from igpt_jax import checkpoint

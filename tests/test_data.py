@@ -62,7 +62,7 @@ def test_eval_is_one_ordered_padded_pass(npz):
   assert all(b["tokens"].shape == (4, 64) and b["tokens"].dtype == np.int32 for b in batches)
 
 
-def test_split_syntax(npz):
+def test_tfds_split_syntax_selects_the_named_rows(npz):
   def labels(split):
     batches = _tokens(npz, split=split, batch_size=2, train=False)
     return np.concatenate([b["labels"][b["valid"]] for b in batches])

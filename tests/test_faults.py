@@ -23,8 +23,7 @@ from igpt_jax import data
 from igpt_jax import faults
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import train
-from test_multiprocess import free_port
-from test_train import REPO, TINY, files, tiny_config  # pylint: disable=unused-import
+from conftest import REPO, TINY, free_port, tiny_config
 
 # pylint: disable=redefined-outer-name,protected-access
 

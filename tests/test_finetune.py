@@ -21,7 +21,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax import steps
 from igpt_jax import train
-from tests import test_train
+from conftest import interrupt
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,6 +108,7 @@ def finetune_config(pretrained, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
   workdir = str(tmp_path / "ft")
   last = train.train_and_evaluate(finetune_config(pretrained), workdir)
@@ -131,6 +132,7 @@ def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
     assert train.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
 
 
+@pytest.mark.slow
 def test_finetune_stops_after_patience(pretrained, tmp_path):
   # lr 0: the accuracy never moves, so the second evaluation has no gain.
   config = finetune_config(pretrained, lr=0.0, total_steps=20, patience=1)
@@ -165,7 +167,7 @@ def test_finetune_resumes_exactly_after_sigterm(pretrained, tmp_path):
   assert "test_accuracy" in json.loads(out.strip().splitlines()[-1]), err[-3000:]
   cut = tmp_path / "cut"
   proc = launch_finetune(pretrained, cut)
-  err = test_train.interrupt(proc, cut, signal.SIGTERM, after_step=15)
+  err = interrupt(proc, cut, signal.SIGTERM, after_step=15)
   assert proc.returncode == 0 and "preempted: saved step" in err, err[-3000:]
   resumed_from = checkpoint.manager(str(cut), read_only=True).latest_step()
   assert 15 <= resumed_from < FT_STEPS

@@ -33,10 +33,7 @@ from igpt_jax import paths
 from igpt_jax import probe
 from igpt_jax import sample
 from igpt_jax import train
-from conftest import GCS_BUCKET
-import test_multiprocess
-import test_train
-from test_train import files  # pylint: disable=unused-import  (a fixture)
+from conftest import GCS_BUCKET, PAIR_STEPS, STEPS, launch, launch_pair
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
@@ -188,7 +185,7 @@ def test_palette_in_a_bucket(gcs):
 
 @pytest.fixture(scope="module")
 def bucket_files(gcs, files):
-  """test_train's 64-image .npz and 16-colour palette, copied into the bucket."""
+  """conftest's `files` (a 64-image .npz and a 16-colour palette), copied into the bucket."""
   del gcs
   out = (url("data", "images.npz"), url("data", "palette.npy"))
   for local, remote in zip(files, out):
@@ -257,7 +254,7 @@ def finish(proc, timeout=600) -> str:
 def bucket_run(bucket_files):
   """launch/train.py with --workdir in the bucket, data from it, its palette fitted into it."""
   workdir = url("runs", "whole")
-  finish(test_train.launch((bucket_files[0], ""), workdir))
+  finish(launch((bucket_files[0], ""), workdir))
   return workdir
 
 
@@ -265,11 +262,11 @@ def bucket_run(bucket_files):
 def test_a_run_in_a_bucket_writes_everything_there(bucket_run):
   root = paths.path(bucket_run)
   names = {p.name for p in root.iterdir()}
-  assert {"checkpoints", "metrics.jsonl", "palette.npy", f"samples_{test_train.STEPS:07d}.png"
+  assert {"checkpoints", "metrics.jsonl", "palette.npy", f"samples_{STEPS:07d}.png"
           } <= names
   assert any(n.startswith("events.out.tfevents") for n in names)
-  assert sorted(metrics_lib.read(bucket_run)) == list(range(1, test_train.STEPS + 1))
-  assert ckpt_lib.steps(bucket_run)[-1] == test_train.STEPS
+  assert sorted(metrics_lib.read(bucket_run)) == list(range(1, STEPS + 1))
+  assert ckpt_lib.steps(bucket_run)[-1] == STEPS
   assert ckpt_lib.read_meta(bucket_run)["model"]["attention"] == "auto"  # as configured
   palette_lib.load_palette(root / "palette.npy", k=16)
   assert nothing_local_named_gs()
@@ -279,29 +276,29 @@ def test_a_run_in_a_bucket_writes_everything_there(bucket_run):
 def test_sigterm_and_restart_from_the_bucket_equal_an_uninterrupted_run(bucket_run):
   workdir = url("runs", "cut")
   palette = f"{bucket_run}/palette.npy"  # the whole run's, so the two runs see the same tokens
-  proc = test_train.launch((url("data", "images.npz"), palette), workdir)
+  proc = launch((url("data", "images.npz"), palette), workdir)
   assert wait_for_step(proc, workdir, 35)
   proc.send_signal(signal.SIGTERM)
   assert "preempted: saved step" in finish(proc)
   resumed_from = ckpt_lib.steps(workdir)[-1]
-  assert 35 <= resumed_from < test_train.STEPS
-  err = finish(test_train.launch((url("data", "images.npz"), palette), workdir))
+  assert 35 <= resumed_from < STEPS
+  err = finish(launch((url("data", "images.npz"), palette), workdir))
   assert f"resumed from step {resumed_from}" in err
   want, got = metrics_lib.read(bucket_run), metrics_lib.read(workdir)
-  after = range(resumed_from + 1, test_train.STEPS + 1)
+  after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in after],
                                 [want[s]["train_loss"] for s in after])
-  assert got[test_train.STEPS]["eval_loss"] == want[test_train.STEPS]["eval_loss"]
+  assert got[STEPS]["eval_loss"] == want[STEPS]["eval_loss"]
   assert nothing_local_named_gs()
 
 
 @pytest.mark.slow
 def test_two_processes_write_one_run_in_the_bucket(bucket_files):
   workdir = url("runs", "pair")
-  for proc in test_multiprocess.launch_pair(bucket_files, workdir):
+  for proc in launch_pair(bucket_files, workdir):
     finish(proc)
-  assert sorted(metrics_lib.read(workdir)) == list(range(1, test_multiprocess.STEPS + 1))
-  assert ckpt_lib.steps(workdir)[-1] == test_multiprocess.STEPS
+  assert sorted(metrics_lib.read(workdir)) == list(range(1, PAIR_STEPS + 1))
+  assert ckpt_lib.steps(workdir)[-1] == PAIR_STEPS
   ckpt_lib.load(workdir)
   assert nothing_local_named_gs()
 

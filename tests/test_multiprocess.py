@@ -4,9 +4,6 @@ variables that describe such a job."""
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,39 +12,7 @@ import pytest
 from igpt_jax import checkpoint
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import sharding
-from test_train import REPO, TINY, files  # pylint: disable=unused-import
-
-STEPS = 40  # tiny steps are fast: room for the hosts to agree on a step to stop at
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
-  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each."""
-  port, procs = free_port(), []
-  for i in range(2):
-    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
-            f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
-            f"--config.total_steps={STEPS}", "--config.checkpoint_every=4",
-            "--config.eval_every=20", "--config.sample_every=0"]
-    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
-  return procs
-
-
-def finish(procs) -> list[str]:
-  """Waits for both processes; -> their stderr, after checking that both exited cleanly."""
-  errs = [p.communicate(timeout=600)[1] for p in procs]  # start-up is slow on a loaded host
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-3000:]
-  return errs
+from conftest import PAIR_STEPS, finish_pair, launch_pair
 
 
 def first_batch_crcs(errs) -> dict:
@@ -61,7 +26,7 @@ def first_batch_crcs(errs) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted_pair(files, tmp_path_factory):  # pylint: disable=redefined-outer-name
   workdir = tmp_path_factory.mktemp("pair")
-  errs = finish(launch_pair(files, workdir))
+  errs = finish_pair(launch_pair(files, workdir))
   return workdir, errs
 
 
@@ -72,8 +37,8 @@ def test_two_processes_train_as_one_job(uninterrupted_pair):
   assert sorted(crcs) == [0, 1] and crcs[0] != crcs[1]  # each host read its own slice
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [int(re.match(r'{"step": (\d+)', line).group(1)) for line in f]
-  assert steps == list(range(1, STEPS + 1))  # process 0 alone writes, one row per step
-  assert checkpoint.manager(str(workdir), read_only=True).latest_step() == STEPS
+  assert steps == list(range(1, PAIR_STEPS + 1))  # process 0 alone writes, one row per step
+  assert checkpoint.manager(str(workdir), read_only=True).latest_step() == PAIR_STEPS
 
 
 @pytest.mark.slow
@@ -85,20 +50,20 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
         p.send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
-  errs = finish(procs)
+  errs = finish_pair(procs)
   assert all("preempted: saved step" in e for e in errs), [e[-2000:] for e in errs]
   resumed_from = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
-  assert 4 <= resumed_from < STEPS
+  assert 4 <= resumed_from < PAIR_STEPS
 
-  errs = finish(launch_pair(files, tmp_path))
+  errs = finish_pair(launch_pair(files, tmp_path))
   assert all(f"resumed from step {resumed_from}" in e for e in errs)
-  assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == STEPS
+  assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == PAIR_STEPS
   want, got = metrics_lib.read(uninterrupted_pair[0]), metrics_lib.read(tmp_path)
-  assert sorted(got) == list(range(1, STEPS + 1))
-  steps = range(resumed_from + 1, STEPS + 1)
+  assert sorted(got) == list(range(1, PAIR_STEPS + 1))
+  steps = range(resumed_from + 1, PAIR_STEPS + 1)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in steps],
                                 [want[s]["train_loss"] for s in steps])
-  assert got[STEPS]["eval_loss"] == want[STEPS]["eval_loss"]
+  assert got[PAIR_STEPS]["eval_loss"] == want[PAIR_STEPS]["eval_loss"]
 
 
 # -- the launch variables ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from igpt_jax import model as model_lib
 from igpt_jax import plan
 from igpt_jax import sharding
-from test_train import REPO, TINY, tiny_config
+from conftest import REPO, TINY, tiny_config
 
 MODEL = dict(n_px=4, n_layer=3, n_embd=64, n_head=2, vocab_size=16, dtype="bfloat16",
              scan_layers=True)

@@ -133,7 +133,7 @@ def test_tables_and_low_data(tmp_path):
   assert json.load(open(tmp_path / "r.json"))["best_layer"] == table["best_layer"]
 
 
-def test_pixel_features():
+def test_pixel_histograms_sum_to_one_and_rgb_has_three_values_per_pixel():
   pal = np.linspace(-1, 1, 16 * 3, dtype=np.float32).reshape(16, 3)
   tokens = _tokens(3)
   hist = probe.pixel_features(tokens, pal, CFG.n_px)
@@ -171,6 +171,7 @@ def _probe_config(root, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_run_writes_results_plot_and_baselines(run_dir):
   results = probe.run(_probe_config(run_dir), str(run_dir / "run"), baselines=True)
   out = run_dir / "run" / "probe"
@@ -256,7 +257,7 @@ def test_spread_layers_include_the_middle_and_the_top():
   assert probe.spread_layers(2) == (0, 1, 2)
 
 
-def test_evaluator_on_a_sharded_mesh_equals_the_offline_probe(run_dir, params):
+def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_probe(run_dir, params):
   from igpt_jax import data as data_lib
   from igpt_jax import sharding as sharding_lib
   config = _evaluator_config(run_dir)

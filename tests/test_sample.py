@@ -1,7 +1,6 @@
 """Sampler: KV-cache decoding against the full forward, filtering, prompts, seeds, sharding, grids,
 and the launch script on converted Hugging Face weights."""
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from PIL import Image
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
 from igpt_jax.model import IGPT, IGPTConfig, init_params
+from conftest import write_random_hf_imagegpt
 
 CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=4, vocab_size=16)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +91,7 @@ def test_completions_keep_the_prompt(params):
   assert sample_lib.prefix_length(CFG, rows=2) == 8 == sample_lib.prefix_length(CFG, fraction=.5)
 
 
+@pytest.mark.slow
 def test_sharded_sampling_equals_unsharded(params, prompt):
   assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
   mesh = sharding.make_mesh((4, 2, 1))
@@ -147,21 +148,12 @@ def _run(module, *flags):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_converted_hf_weights_sample_and_complete(tmp_path):
   """A random HF ImageGPT saved the way the hub ships it, converted, then sampled/completed."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  torch.manual_seed(0)
-  hf_cfg = transformers.ImageGPTConfig(vocab_size=CFG.vocab_size + 1, n_positions=CFG.n_ctx,
-                                       n_embd=CFG.n_embd, n_layer=CFG.n_layer,
-                                       n_head=CFG.n_head)
-  hf_dir = tmp_path / "hf"
-  transformers.ImageGPTForCausalImageModeling(hf_cfg).save_pretrained(hf_dir)
   palette = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3))
-  (hf_dir / "preprocessor_config.json").write_text(json.dumps(
-      {"image_processor_type": "ImageGPTImageProcessor", "clusters": palette.tolist(),
-       "do_resize": True, "size": {"height": CFG.n_px, "width": CFG.n_px},
-       "do_normalize": True, "do_color_quantize": True}))
+  hf_dir = write_random_hf_imagegpt(tmp_path / "hf", palette, n_px=CFG.n_px, n_layer=CFG.n_layer,
+                                    n_embd=CFG.n_embd, n_head=CFG.n_head)
   images = np.random.default_rng(1).integers(0, 256, (3, CFG.n_px, CFG.n_px, 3), np.uint8)
   np.savez(tmp_path / "images.npz", images=images, labels=np.zeros(3, np.int32))
   workdir, out = tmp_path / "converted", tmp_path / "out"

@@ -75,7 +75,7 @@ def test_accumulation_equals_full_batch(single):
   np.testing.assert_allclose(losses, single[0], rtol=1e-5)
 
 
-def test_mesh_shape():
+def test_mesh_shape_fills_one_minus_one_and_refuses_bad_shapes():
   assert sharding.mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
   assert sharding.mesh_shape((2, 2, 2), 8) == (2, 2, 2)
   for bad in [(3, -1, 1), (2, 2, 1), (-1, -1, 1), (0, 8, 1), (8, 1)]:
@@ -97,6 +97,7 @@ def test_data_mesh_uses_the_most_devices_that_split_the_batch():
   assert dict(sharding.data_mesh(16).shape) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
+@pytest.mark.slow
 def test_one_cpu_device_per_core(tmp_path):
   """In a fresh process the host CPU becomes one device per core; a set count is kept."""
 

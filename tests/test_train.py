@@ -1,14 +1,10 @@
 """Optimizer, losses, the training loop's outputs, exact resume, and start-up errors."""
 
-import importlib.util
 import math
 import os
 import pathlib
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,34 +15,9 @@ import pytest
 from igpt_jax import checkpoint
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
-from igpt_jax import palette as palette_lib
 from igpt_jax import steps
 from igpt_jax import train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = REPO / "experiments" / "tiny_test.py"
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-  """A 64-image .npz (8x8 smooth random images) and a 16-colour palette."""
-  d = tmp_path_factory.mktemp("data")
-  rng = np.random.default_rng(0)
-  coarse = rng.integers(0, 256, (64, 2, 2, 3))
-  images = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
-  np.savez(d / "images.npz", images=images, labels=rng.integers(0, 10, 64))
-  palette_lib.save_palette(d / "palette.npy", rng.uniform(-1, 1, (16, 3)).astype(np.float32))
-  return d / "images.npz", d / "palette.npy"
-
-
-def tiny_config(files, **overrides):
-  spec = importlib.util.spec_from_file_location("tiny_test", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.name, config.palette = str(files[0]), str(files[1])
-  config.update(overrides)
-  return config
+from conftest import STEPS, interrupt, launch, tiny_config
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -106,6 +77,7 @@ def test_eval_step_ignores_padding():
   np.testing.assert_allclose(total, per_example[:2].sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path):
   # lr 1e15: the first update is finite but huge, and attention scores overflow soon after.
   config = tiny_config(files, lr=1e15, warmup_steps=0, checkpoint_every=1)
@@ -152,6 +124,7 @@ def corrupt(workdir, step):
     os.truncate(f, f.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_is_skipped(files, tmp_path, caplog):
   # A constant schedule, so a run extended from 20 to 30 steps trains as one of 30 from the start.
   config = lambda total: tiny_config(files, total_steps=total, checkpoint_every=10,
@@ -185,30 +158,6 @@ def test_unreadable_newest_checkpoint_is_skipped(files, tmp_path, caplog):
 
 
 # -- end to end through launch/train.py, with preemption ------------------------------------
-
-STEPS = 60
-
-
-def launch(files, workdir, **extra):
-  args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
-          f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
-          f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
-          "--config.eval_every=30", f"--config.sample_every={STEPS}"]
-  args += [f"--config.{k}={v}" for k, v in extra.items()]
-  return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-
-
-def interrupt(proc, workdir, sig, after_step):
-  """Sends sig once metrics.jsonl shows after_step; -> the process's stderr."""
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if max(metrics_lib.read(workdir), default=0) >= after_step:
-      proc.send_signal(sig)
-      break
-    time.sleep(0.02)
-  _, err = proc.communicate(timeout=300)
-  return err
 
 
 @pytest.fixture(scope="module")
