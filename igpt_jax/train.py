@@ -89,20 +89,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def save_samples(path: str, cfg, params, palette, rng, prompts, mesh) -> None:
-  """PNG grid: one row of unconditional samples, then half-image completions of `prompts`."""
-  n = sharding_lib.batch_shards(mesh)
-  uncond = sample_lib.sample(cfg, params, rng, batch_size=max(8, n), mesh=mesh)
-  prefix = sample_lib.prefix_length(cfg, fraction=0.5)
-  done = sample_lib.complete(cfg, params, jax.random.fold_in(rng, 1), prompts, prefix,
-                             samples=max(2, n), mesh=mesh)
-  uncond, done = multihost_utils.process_allgather((uncond, done), tiled=True)
-  if jax.process_index() == 0:
-    rows = [palette_lib.dequantize(np.asarray(uncond), palette, cfg.n_px)]
-    rows += sample_lib.completion_rows(prompts, np.asarray(done), prefix, palette, cfg.n_px)
-    sample_lib.save_grid(path, rows, scale=4)
-
-
 def held_out_accuracy(cfg: model_lib.IGPTConfig, params, batches, mesh, k_masks: int,
                       seed: int) -> float:
   """Top-1 accuracy of the classifier over labelled batches (padding rows excluded)."""
@@ -301,9 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if prompts is None:
           prompts = np.asarray(next(iter(eval_iters()))["tokens"][:4])
         with console.status(f"drawing samples at step {step}"):
-          save_samples(paths.path(workdir) / f"samples_{step:07d}.png", cfg, state.params,
-                       palette, jax.random.fold_in(jax.random.key(config.seed + 2), step),
-                       prompts, mesh)
+          sample_lib.save_samples(paths.path(workdir) / f"samples_{step:07d}.png", cfg,
+                                  state.params, palette,
+                                  jax.random.fold_in(jax.random.key(config.seed + 2), step),
+                                  prompts, mesh)
       early_stop = accuracy is not None and 0 < config.patience <= loop["stale"]
       if due["checkpoint"] or due["preempted"] or accuracy is not None:
         meta = ckpt_lib.make_meta(configured, palette, step, ckpt_lib.to_jsonable(config), loop)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from igpt_jax import palette as palette_lib
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
 from igpt_jax.model import IGPT, IGPTConfig, init_params
@@ -102,6 +103,33 @@ def test_sharded_sampling_equals_unsharded(params, prompt):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match="batch shards"):
     sample_lib.sample(CFG, params, jax.random.key(0), batch_size=3, mesh=mesh)
+
+
+def grid_cells(grid, n_px: int, pad: int = 2, scale: int = 4) -> list[list[np.ndarray]]:
+  """The images of a `save_grid` PNG, row by row (white cells of short rows dropped)."""
+  grid = np.asarray(grid)[::scale, ::scale]
+  step = n_px + pad
+  cells = [[grid[pad + i * step:pad + i * step + n_px, pad + j * step:pad + j * step + n_px]
+            for j in range((grid.shape[1] - pad) // step)]
+           for i in range((grid.shape[0] - pad) // step)]
+  return [[c for c in row if (c != 255).any()] for row in cells]
+
+
+@pytest.mark.parametrize("shards", [3, 6, 7])
+def test_sample_grid_on_meshes_the_batch_splits_unevenly(params, shards, tmp_path):
+  mesh = sharding.make_mesh((shards, 1, 1), jax.devices()[:shards])
+  palette = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (4, CFG.n_ctx), 0, CFG.vocab_size))
+  grid = sample_lib.save_samples(tmp_path / "g.png", CFG, params, palette, jax.random.key(4),
+                                 tokens, mesh)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
+  rows = grid_cells(grid, CFG.n_px)
+  assert len(rows) == 5 and len(rows[0]) >= 8  # unconditional samples, then one row per image
+  originals = palette_lib.dequantize(tokens, palette, CFG.n_px)
+  for row, original in zip(rows[1:], originals):  # [input | completions | original]
+    np.testing.assert_array_equal(row[-1], original)
+    for image in row[1:-1]:  # the top half is the prompt's
+      np.testing.assert_array_equal(image[:CFG.n_px // 2], original[:CFG.n_px // 2])
 
 
 def test_bad_arguments_raise(params):
