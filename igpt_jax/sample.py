@@ -233,11 +233,14 @@ def save_grid(path, rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
 def save_samples(path, cfg: IGPTConfig, params, palette, rng, prompts, mesh,
                  scale: int = 4) -> np.ndarray | None:
   """The training loop's PNG grid: a row of unconditional samples, then one row per prompt
-  (tokens [N, T]) of half-image completions (`completion_rows`). Every process calls it; process
-  0 writes it and returns the grid (None elsewhere).
+  (tokens [N, T], process 0's) of half-image completions (`completion_rows`). Every process
+  calls it; process 0 writes it and returns the grid (None elsewhere).
 
   Batches are whole multiples of the mesh's batch shards (at least 8 samples, 2 completions).
   """
+  # Each process reads its own held-out rows; the completions are one global batch, so every
+  # process must pass the same prompts: process 0's, the ones it draws beside them.
+  prompts = multihost_utils.broadcast_one_to_all(np.asarray(prompts))
   n = sharding_lib.batch_shards(mesh)
   uncond = sample(cfg, params, rng, batch_size=-(-8 // n) * n, mesh=mesh)
   prefix = prefix_length(cfg, fraction=0.5)

@@ -10,11 +10,13 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import sharding
+from test_sample import grid_cells
 from test_train import REPO, TINY, files  # pylint: disable=unused-import
 
 STEPS = 40  # tiny steps are fast: room for the hosts to agree on a step to stop at
@@ -26,8 +28,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
-  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each."""
+def launch_pair(files, workdir, *overrides):  # pylint: disable=redefined-outer-name
+  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each; overrides:
+  more --config flags (later flags win)."""
   port, procs = free_port(), []
   for i in range(2):
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
@@ -36,7 +39,7 @@ def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
     args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
             f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
             f"--config.total_steps={STEPS}", "--config.checkpoint_every=4",
-            "--config.eval_every=20", "--config.sample_every=0"]
+            "--config.eval_every=20", "--config.sample_every=0", *overrides]
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
   return procs
@@ -99,6 +102,18 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in steps],
                                 [want[s]["train_loss"] for s in steps])
   assert got[STEPS]["eval_loss"] == want[STEPS]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_two_processes_draw_each_original_beside_its_own_completions(files, tmp_path):
+  finish(launch_pair(files, tmp_path, "--config.total_steps=2", "--config.sample_every=2",
+                     "--config.checkpoint_every=0", "--config.eval_every=0"))
+  rows = grid_cells(Image.open(tmp_path / "samples_0000002.png"), n_px=4)
+  assert len(rows) == 5  # unconditional samples, then 4 held-out images
+  for row in rows[1:]:  # [input | completions (one per batch shard, each host's own) | original]
+    assert len(row) == 4
+    for image in row[:-1]:  # every one keeps the original's top half
+      np.testing.assert_array_equal(image[:2], row[-1][:2])
 
 
 # -- the launch variables ---------------------------------------------------------------------
