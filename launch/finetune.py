@@ -19,10 +19,10 @@ import jax
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import evaluators
 from igpt_jax import faults
 from igpt_jax import paths
 from igpt_jax import sharding
-from igpt_jax import train
 from launch import train as train_script  # defines --config and --workdir
 
 
@@ -34,7 +34,7 @@ def test_accuracy(config, workdir: str) -> float:
   batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
                               palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    return train.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
+    return evaluators.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
 
 
 def main(argv):

@@ -15,6 +15,7 @@ import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import evaluators
 from igpt_jax import finetune
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
@@ -128,7 +129,7 @@ def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
                               palette=palette, n_px=2, train=False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     params = jax.device_put(params, sharding.param_shardings(ft_cfg, mesh))
-    assert train.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
+    assert evaluators.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
 
 
 def test_finetune_stops_after_patience(pretrained, tmp_path):
