@@ -49,6 +49,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
+from igpt_jax import steps as steps_lib
 
 DEFAULT_L2S = tuple(10.0 ** np.arange(-5, 0))  # 1e-5 .. 1e-1 on the mean-loss scale
 LOW_DATA_SIZES = (40, 250, 4000)
@@ -91,7 +92,7 @@ def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None =
     raise ValueError(f"reading={reading!r}; expected one of {model_lib.READINGS}")
   mesh = mesh or sharding_lib.make_mesh((-1, 1, 1), jax.local_devices())
   fn = features_fn(cfg, layers, reading)
-  params = jax.device_put(params, sharding_lib.param_shardings(cfg, mesh))
+  params = jax.device_put(params, steps_lib.param_shardings(cfg, mesh))
   shards = sharding_lib.batch_shards(mesh)
 
   def featurize(tokens):
@@ -484,7 +485,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   models = {"": featurizer(cfg, params, layers, config.reading, mesh)}
   if baselines:
     random_params = jax.jit(functools.partial(model_lib.init_params, cfg),
-                            out_shardings=sharding_lib.param_shardings(cfg, mesh))(
+                            out_shardings=steps_lib.param_shardings(cfg, mesh))(
                                 jax.random.key(config.random_init_seed))
     models["random_"] = featurizer(cfg, random_params, layers, config.reading, mesh)
 

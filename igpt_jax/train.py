@@ -1,6 +1,7 @@
 """The training loop, for pretraining and fine-tuning alike (behind launch/train.py, finetune.py).
 
   train_and_evaluate(config, workdir) -> the last logged scalars
+  run(config, workdir)   what launch/train.py and launch/finetune.py run: devices, job, the loop
 
 Every field it reads is defined, with a comment, in experiments/base.py. Two modes:
 - pretraining (config.init_workdir empty): a fresh model from config.model, trained on the
@@ -361,3 +362,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _close(mngr, evaluators)
   best = dict(best_step=record.best_step, best_eval_accuracy=record.best_eval_accuracy)
   return {**last, **best} if finetuning else last
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The launch scripts' run: console, devices and the multi-process job, then the loop; a
+  failed save or a lost peer ends it with one line and a documented status (faults.py)."""
+  console.setup()
+  if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
+    sharding_lib.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
+  sharding_lib.maybe_initialize_distributed()
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
+  with faults.exit_on_fault():
+    return train_and_evaluate(config, workdir)

@@ -16,6 +16,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe
 from igpt_jax import sharding
+from igpt_jax import steps
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -38,7 +39,7 @@ def test_extraction_on_8_devices_equals_1_device(params):
   # Parameters split as training lays them out (embed over fsdp, heads over tensor), as
   # checkpoint.load(..., mesh=) restores them for models too big for one chip.
   mesh = sharding.make_mesh((1, 4, 2))
-  split = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+  split = jax.device_put(params, steps.param_shardings(CFG, mesh))
   assert not split["wte"].sharding.is_fully_replicated
   fsdp = probe.extract_features(CFG, split, tokens, batch_size=16, mesh=mesh)
   assert sorted(many) == list(range(CFG.n_layer + 1))
@@ -266,7 +267,7 @@ def test_evaluator_on_a_sharded_mesh_equals_the_offline_probe(run_dir, params):
   palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
   mesh = sharding_lib.make_mesh((2, 2, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
-    sharded = jax.device_put(params, sharding_lib.param_shardings(CFG, mesh))
+    sharded = jax.device_put(params, steps.param_shardings(CFG, mesh))
     evaluate = probe.make_evaluator(ecfg, config, CFG, palette, mesh)
     got = evaluate(sharded, 10)
   layers = probe.spread_layers(CFG.n_layer)
