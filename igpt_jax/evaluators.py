@@ -9,7 +9,8 @@
 - "held_out", every config.eval_every: one pass over the eval split for `eval_loss` and
   `eval_bits_per_token`, and when fine-tuning `eval_accuracy` (the loop's best-checkpoint metric)
   from the same batches;
-- "samples", every config.sample_every: workdir/samples_STEP.png (`sample.save_samples`);
+- "samples", every config.sample_every, AR models only: workdir/samples_STEP.png
+  (`sample.save_samples`);
 - by `type`: "probe" (`probe.make_evaluator`; finish draws workdir/probe_vs_loss.png).
 An entry whose maker returns None (e.g. every = 0) is left out.
 """
@@ -89,7 +90,9 @@ def _held_out(config, cfg, mesh, eval_batches) -> Evaluator:
   return Evaluator("held_out", config.eval_every, fn)
 
 
-def _samples(config, cfg, palette, mesh, workdir, eval_batches) -> Evaluator:
+def _samples(config, cfg, palette, mesh, workdir, eval_batches) -> Evaluator | None:
+  if cfg.objective != "ar":  # only an autoregressive model samples
+    return None
   prompts = []  # the first held-out images, read at the first grid
 
   def fn(params, step):
