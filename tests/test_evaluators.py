@@ -10,6 +10,7 @@ from experiments import base
 from igpt_jax import evaluators
 from igpt_jax import model as model_lib
 from igpt_jax import sharding
+from igpt_jax import steps
 from igpt_jax import train
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=1, n_embd=16, n_head=2, vocab_size=16)
@@ -54,3 +55,26 @@ def test_early_stopping_counts_evaluations_without_a_gain():
     record.update(step, accuracy)
   assert (record.best_step, record.best_eval_accuracy, record.stale) == (6, 0.7, 2)
   assert record.stop(patience=2) and not record.stop(patience=3) and not record.stop(patience=0)
+
+
+def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
+  cfg = CFG.replace(n_classes=3)
+  params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, 16, (4, cfg.n_ctx), dtype=np.int32),
+              "labels": rng.integers(0, 3, 4, dtype=np.int32),
+              "valid": np.array([True, True, True, i == 0])} for i in range(2)]
+  passes = []
+  config = base.get_config()
+  config.init_workdir = "/a/pretrained/run"  # fine-tuning: the loop's accuracy rides along
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, "/nonexistent",
+                                           lambda: passes.append(1) or iter(batches))
+               if e.name == "held_out"]
+  got = held_out.fn(params, 10)
+  assert len(passes) == 1
+  assert got["eval_accuracy"] == evaluators.held_out_accuracy(cfg, params, batches, mesh,
+                                                               config.k_masks, config.seed + 1)
+  losses = np.concatenate([steps.example_losses(cfg, params, b["tokens"], None)[b["valid"]]
+                           for b in batches])  # 7 valid rows
+  np.testing.assert_allclose(got["eval_loss"], losses.mean(), rtol=1e-5)
