@@ -59,7 +59,6 @@ from igpt_jax import faults
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
-from igpt_jax import sharding as sharding_lib
 from igpt_jax import steps as steps_lib
 
 # Fields that change how a model runs, not what it is: a run may resume with other values, and
