@@ -34,6 +34,7 @@ from igpt_jax import console
 from igpt_jax import metrics
 from igpt_jax import model as model_lib
 from igpt_jax import paths
+from igpt_jax import sharding
 from igpt_jax import steps
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -103,8 +104,7 @@ def main(argv):
   try:
     cfg = model_lib.model_config(_CONFIG.value.model)
     tx = steps.make_optimizer(1e-3, 10)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp",
-                                                                             "tensor"))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     state = steps.create_train_state(cfg, tx, mesh, jax.random.key(0))
     palette = np.zeros((cfg.vocab_size, 3), np.float32)
     with tempfile.TemporaryDirectory() as local:

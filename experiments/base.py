@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 0  # linear warm-up from 0
   c.grad_clip = 0.0  # global-norm clip; 0 is off
 
-  # The loop's schedule; every periodic action also runs at the last step. 0 is never.
+  # The loop's schedule; every periodic action also runs at the last step (0: only there).
   c.log_every = 100  # train loss, rates -> console, metrics.jsonl, TensorBoard
   c.eval_every = 1000  # held-out loss (and accuracy when fine-tuning)
   c.eval_batches = 0  # held-out batches per evaluation; 0: the whole eval split
@@ -75,14 +75,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept (plus the best one when fine-tuning)
   c.sample_every = 0  # PNG grid of samples and half-image completions (AR models only)
 
-  # Linear probes during pretraining (probe.make_evaluator): held-out probe accuracy per layer
-  # every probe_every steps (0: never; at eval steps, probe_vs_loss.png pairs it with the loss).
-  c.probe_every = 0
-  c.probe_train_split = ""  # labelled images of config.data the probe fits on (a small subset)
-  c.probe_eval_split = ""  # labelled held-out images it is scored on
-  c.probe_layers = ()  # empty: a quarter, half, three quarters and all of the depth
-  c.probe_reading = "ln1"  # "ln1" (the paper's), "residual", or either + "_2x2" (quadrant means)
-  c.probe_l2s = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 grid, chosen on a tenth of the fit images
+  # More periodic evaluators (igpt_jax/evaluators.py), by name; the held-out loss, accuracy and
+  # sample grids above are the loop's own. Each entry's `type` picks its kind and `every` its
+  # period (0: never; also at the last step); the other fields are the kind's.
+  c.evals = ml_collections.ConfigDict()
+  # type "probe" (probe.make_evaluator): held-out linear-probe accuracy per layer during
+  # pretraining; at eval steps, workdir/probe_vs_loss.png pairs it with the held-out loss.
+  c.evals.probe = dict(
+      type="probe",
+      every=0,
+      train_split="",  # labelled images of config.data the probe fits on (a small subset)
+      eval_split="",  # labelled held-out images it is scored on
+      layers=(),  # empty: a quarter, half, three quarters and all of the depth
+      reading="ln1",  # "ln1" (the paper's), "residual", or either + "_2x2" (quadrant means)
+      l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),  # L2 grid, chosen on a tenth of the fit images
+  )
 
   # Fine-tuning: set init_workdir to train a classifier on a pretrained run.
   c.init_workdir = ""  # the run whose parameters start this one (its model and palette too)

@@ -59,7 +59,7 @@ from igpt_jax import faults
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
-from igpt_jax import sharding as sharding_lib
+from igpt_jax import steps as steps_lib
 
 # Fields that change how a model runs, not what it is: a run may resume with other values, and
 # a checkpoint records them as configured (attention "auto"), each host resolving them for itself.
@@ -413,7 +413,7 @@ def _params_target(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh | None):
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, _abstract_params(cfg))
   else:
-    shardings = sharding_lib.param_shardings(cfg, mesh)
+    shardings = steps_lib.param_shardings(cfg, mesh)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       _abstract_params(cfg), shardings)
 
@@ -506,7 +506,7 @@ def load(workdir: paths.PathLike, step: int | str | None = None, *, attention: s
   attention, dtype: runtime overrides (see `for_this_host`; the saved values otherwise, with a
   kernel this host cannot run replaced by "auto"). Parameters only (no optimizer state), on the
   first local device, or with `mesh` (a `sharding.make_mesh` mesh) restored straight into their
-  training layout over it (`sharding.param_shardings`): no device ever holds all of a model too
+  training layout over it (`steps.param_shardings`): no device ever holds all of a model too
   big for one.
   """
   mngr, step = _open(workdir, step)

@@ -215,11 +215,19 @@ def _source(cfg: dict, split: str, index: int = 0, count: int = 1):
   return _tfds_source(cfg["name"], cfg["data_dir"], split, index, count)
 
 
-def _host_sizes(cfg: dict, split: str, count: int) -> list[int]:
-  if _is_local(cfg["name"]):
-    return [sum(len(range(*s.indices(len(labels)))) for _, labels, s in
-                _local_slices(cfg["name"], split, i, count)) for i in range(count)]
-  return [int(_source(cfg, split, i, count)[0].cardinality()) for i in range(count)]
+def _host_sizes(cfg: dict, split: str, count: int) -> tuple[int, ...]:
+  """Examples of each of `count` hosts' shares of a split (counted once per process)."""
+  return _counted_host_sizes(cfg["name"], cfg["data_dir"], split, count)
+
+
+@functools.cache  # counting reads every host's share: once, not at every evaluation
+def _counted_host_sizes(name: str, data_dir: str | None, split: str,
+                        count: int) -> tuple[int, ...]:
+  if _is_local(name):
+    return tuple(sum(len(range(*s.indices(len(labels)))) for _, labels, s in
+                     _local_slices(name, split, i, count)) for i in range(count))
+  return tuple(int(_tfds_source(name, data_dir, split, i, count)[0].cardinality())
+               for i in range(count))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ with the "_2x2" readings the mean over each image quadrant; layer n_layer is the
   pixel_features(tokens, palette, n_px)                                               baselines
   run(config, workdir, baselines=False) -> results dict                   behind launch/probe.py
   run_checkpoints(config, workdir, steps) -> rows       the same at each step, and Figure 3
-  make_evaluator(config, cfg, palette, mesh) -> fn(params, step) -> scalars    inside training
+  make_evaluator(ecfg, config, cfg, palette, mesh) -> fn(params, step) -> scalars  in training
   write_probe_vs_loss(workdir) -> path of the paper's Figure 3 from metrics.jsonl
 
 The probe is multinomial logistic regression, fitted full-batch with `optax.lbfgs` (zoom line
@@ -49,6 +49,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
+from igpt_jax import steps as steps_lib
 
 DEFAULT_L2S = tuple(10.0 ** np.arange(-5, 0))  # 1e-5 .. 1e-1 on the mean-loss scale
 LOW_DATA_SIZES = (40, 250, 4000)
@@ -91,7 +92,7 @@ def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None =
     raise ValueError(f"reading={reading!r}; expected one of {model_lib.READINGS}")
   mesh = mesh or sharding_lib.make_mesh((-1, 1, 1), jax.local_devices())
   fn = features_fn(cfg, layers, reading)
-  params = jax.device_put(params, sharding_lib.param_shardings(cfg, mesh))
+  params = jax.device_put(params, steps_lib.param_shardings(cfg, mesh))
   shards = sharding_lib.batch_shards(mesh)
 
   def featurize(tokens):
@@ -484,7 +485,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   models = {"": featurizer(cfg, params, layers, config.reading, mesh)}
   if baselines:
     random_params = jax.jit(functools.partial(model_lib.init_params, cfg),
-                            out_shardings=sharding_lib.param_shardings(cfg, mesh))(
+                            out_shardings=steps_lib.param_shardings(cfg, mesh))(
                                 jax.random.key(config.random_init_seed))
     models["random_"] = featurizer(cfg, random_params, layers, config.reading, mesh)
 
@@ -602,25 +603,25 @@ def _local_batches(config, split: str, palette, n_px: int) -> list[dict]:
   return list(_checked_batches(config, split, palette, n_px, config.batch_size))
 
 
-def make_evaluator(config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable | None:
-  """The linear probe as a periodic evaluator of the training loop; None when probe_every = 0.
+def make_evaluator(ecfg, config, cfg: model_lib.IGPTConfig, palette, mesh) -> Callable | None:
+  """The linear probe as a periodic evaluator of the training loop; None when ecfg.every = 0.
 
-  config (the training config; fields in experiments/base.py): probe_every,
-  probe_train_split / probe_eval_split (splits of config.data: a small labelled subset, read
-  once here), probe_layers (empty: `spread_layers`), probe_reading, probe_l2s. Returns
+  ecfg (config.evals.probe; fields in experiments/base.py): every, train_split / eval_split
+  (splits of config.data, the training config's: a small labelled subset, read once here),
+  layers (empty: `spread_layers`), reading, l2s. Returns
   fn(params, step) -> scalars: `probe_accuracy` (held-out, best layer), `probe_layer`,
   `probe_accuracy_layerNN` per layer, `probe_seconds`, and `probe_time_fraction` (of the wall
   time since the previous call, this one included). Call it
   under the training mesh: every process extracts its rows of each batch with the params where
   they lie, the features are gathered, and every process fits the same probes (process 0 logs).
   """
-  if not config.probe_every:
+  if not ecfg.every:
     return None
-  layers = tuple(config.probe_layers) or spread_layers(cfg.n_layer)
+  layers = tuple(ecfg.layers) or spread_layers(cfg.n_layer)
   model_lib.check_layers(cfg, layers)
-  reading, l2s = config.probe_reading, tuple(config.probe_l2s)
-  splits = {"train": _local_batches(config, config.probe_train_split, palette, cfg.n_px),
-            "test": _local_batches(config, config.probe_eval_split, palette, cfg.n_px)}
+  reading, l2s = ecfg.reading, tuple(ecfg.l2s)
+  splits = {"train": _local_batches(config, ecfg.train_split, palette, cfg.n_px),
+            "test": _local_batches(config, ecfg.eval_split, palette, cfg.n_px)}
 
   fn = features_fn(cfg, layers, reading)
 

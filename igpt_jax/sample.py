@@ -16,6 +16,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
 
@@ -227,3 +228,27 @@ def save_grid(path, rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
   grid = grid_image(rows, pad=pad, scale=scale)
   paths.write_with(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
   return grid
+
+
+def save_samples(path, cfg: IGPTConfig, params, palette, rng, prompts, mesh,
+                 scale: int = 4) -> np.ndarray | None:
+  """The training loop's PNG grid: a row of unconditional samples, then one row per prompt
+  (tokens [N, T], process 0's) of half-image completions (`completion_rows`). Every process
+  calls it; process 0 writes it and returns the grid (None elsewhere).
+
+  Batches are whole multiples of the mesh's batch shards (at least 8 samples, 2 completions).
+  """
+  # Each process reads its own held-out rows; the completions are one global batch, so every
+  # process must pass the same prompts: process 0's, the ones it draws beside them.
+  prompts = multihost_utils.broadcast_one_to_all(np.asarray(prompts))
+  n = sharding_lib.batch_shards(mesh)
+  uncond = sample(cfg, params, rng, batch_size=-(-8 // n) * n, mesh=mesh)
+  prefix = prefix_length(cfg, fraction=0.5)
+  done = complete(cfg, params, jax.random.fold_in(rng, 1), prompts, prefix, samples=max(2, n),
+                  mesh=mesh)
+  uncond, done = multihost_utils.process_allgather((uncond, done), tiled=True)
+  if jax.process_index() != 0:
+    return None
+  rows = [palette_lib.dequantize(np.asarray(uncond), palette, cfg.n_px)]
+  rows += completion_rows(prompts, np.asarray(done), prefix, palette, cfg.n_px)
+  return save_grid(path, rows, scale=scale)

@@ -21,8 +21,6 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from igpt_jax import model as model_lib
-
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -206,11 +204,6 @@ def logical_shardings(boxed_tree, mesh: Mesh):
   """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. abstract_params)."""
   specs = nn.get_partition_spec(boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
-
-
-def param_shardings(cfg: model_lib.IGPTConfig, mesh: Mesh):
-  """NamedSharding of every parameter of the model (same tree as `init_params`)."""
-  return logical_shardings(model_lib.abstract_params(cfg), mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

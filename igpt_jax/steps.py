@@ -3,6 +3,7 @@
 No loop, no I/O: igpt_jax/train.py (the loop), igpt_jax/finetune.py (classifier losses) and the
 benchmarks build on these.
   for_mesh(cfg, mesh) -> cfg with "auto" attention resolved for the mesh's devices
+  param_shardings(cfg, mesh) -> the NamedSharding of every parameter
   make_optimizer(lr, total_steps, warmup_steps=0, grad_clip=0.0, schedule="cosine")
   TrainState(step, params, opt_state)
   state_shardings(cfg, tx, mesh) / create_train_state(cfg, tx, mesh, rng)
@@ -42,6 +43,11 @@ def for_mesh(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh) -> model_lib.IG
   platform = mesh.devices.flat[0].platform
   return cfg.replace(attention=attention_lib.resolve(cfg.attention, cfg.dtype, platform,
                                                      seq_len=cfg.n_ctx))
+
+
+def param_shardings(cfg: model_lib.IGPTConfig, mesh: jax.sharding.Mesh):
+  """NamedSharding of every parameter of the model (same tree as `init_params`)."""
+  return sharding_lib.logical_shardings(model_lib.abstract_params(cfg), mesh)
 
 
 # -- optimizer --------------------------------------------------------------------------------
@@ -84,7 +90,7 @@ def state_shardings(cfg: model_lib.IGPTConfig, tx: optax.GradientTransformation,
   Shapes only, nothing runs: this also serves a mesh of compile-only devices (launch/plan.py),
   where any eager op (optax.tree_map_params's placeholder init, a random key) would fail.
   """
-  params = sharding_lib.param_shardings(cfg, mesh)
+  params = param_shardings(cfg, mesh)
   treedef = jax.tree.structure(params)
   like_params = lambda x: jax.tree.structure(x) == treedef  # a moment, or an update of params
   abstract = jax.eval_shape(lambda: tx.init(model_lib.init_params(cfg, jax.random.key(0))))

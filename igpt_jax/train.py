@@ -1,6 +1,7 @@
 """The training loop, for pretraining and fine-tuning alike (behind launch/train.py, finetune.py).
 
-  train_and_evaluate(config, workdir, evaluators=()) -> the last logged scalars
+  train_and_evaluate(config, workdir) -> the last logged scalars
+  run(config, workdir)   what launch/train.py and launch/finetune.py run: devices, job, the loop
 
 Every field it reads is defined, with a comment, in experiments/base.py. Two modes:
 - pretraining (config.init_workdir empty): a fresh model from config.model, trained on the
@@ -22,10 +23,10 @@ process of the job is gone (`faults.PeerLost`; docs/faults.md); process 0 writes
 (`step`, `train_loss`, `eval_loss`, `eval_accuracy`, `data_skipped_files`, ...) and TensorBoard
 scalars.
 
-Periodic evaluations are `Evaluator(every, fn)`: fn(params, step) -> {name: float}, run every
-`every` steps (0: never) and at the last step; its scalars go to metrics.jsonl, TensorBoard and
-the console line. The loop builds its own (eval loss; held-out accuracy when fine-tuning) and
-runs any passed in after them, e.g. an in-loop linear probe.
+Periodic evaluations come from `evaluators.build` (held-out loss and accuracy, sample grids,
+config.evals): each one's scalars go to metrics.jsonl, TensorBoard and the console line. Every
+periodic action, training's own (log, checkpoint) and the evaluators', is due by one rule
+(`due`); the steps/s figure counts training time only, not evaluations or saves.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import signal
 import threading
 import time
 import zlib
-from typing import Any, Callable, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -49,25 +49,20 @@ import numpy as np
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import console
 from igpt_jax import data as data_lib
+from igpt_jax import evaluators as evaluators_lib
 from igpt_jax import faults
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
-from igpt_jax import probe as probe_lib
-from igpt_jax import sample as sample_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import steps as steps_lib
 
-LN2 = steps_lib.LN2
 
-
-@dataclasses.dataclass(frozen=True)
-class Evaluator:
-  """A periodic evaluation: fn(params, step) -> {name: float}, every `every` steps (0: never)."""
-  every: int
-  fn: Callable[[Any, int], dict]
+def due(step: int, every: int, last_step: int) -> bool:
+  """Whether a periodic action runs at step: every `every` steps, and always at the last."""
+  return step == last_step or (every > 0 and step % every == 0)
 
 
 class _Preemption:
@@ -89,30 +84,69 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def save_samples(path: str, cfg, params, palette, rng, prompts, mesh) -> None:
-  """PNG grid: one row of unconditional samples, then half-image completions of `prompts`."""
-  n = sharding_lib.batch_shards(mesh)
-  uncond = sample_lib.sample(cfg, params, rng, batch_size=max(8, n), mesh=mesh)
-  prefix = sample_lib.prefix_length(cfg, fraction=0.5)
-  done = sample_lib.complete(cfg, params, jax.random.fold_in(rng, 1), prompts, prefix,
-                             samples=max(2, n), mesh=mesh)
-  uncond, done = multihost_utils.process_allgather((uncond, done), tiled=True)
-  if jax.process_index() == 0:
-    rows = [palette_lib.dequantize(np.asarray(uncond), palette, cfg.n_px)]
-    rows += sample_lib.completion_rows(prompts, np.asarray(done), prefix, palette, cfg.n_px)
-    sample_lib.save_grid(path, rows, scale=4)
+@dataclasses.dataclass
+class EarlyStopping:
+  """Fine-tuning's record of the best held-out accuracy (checkpoints carry it as meta["loop"])."""
+  best_step: int = 0
+  best_eval_accuracy: float = -1.0
+  stale: int = 0  # evaluations since the best one
+
+  def update(self, step: int, accuracy: float) -> None:
+    if accuracy > self.best_eval_accuracy:
+      self.best_step, self.best_eval_accuracy, self.stale = step, accuracy, 0
+    else:
+      self.stale += 1
+
+  def stop(self, patience: int) -> bool:
+    return 0 < patience <= self.stale
 
 
-def held_out_accuracy(cfg: model_lib.IGPTConfig, params, batches, mesh, k_masks: int,
-                      seed: int) -> float:
-  """Top-1 accuracy of the classifier over labelled batches (padding rows excluded)."""
-  eval_step = finetune_lib.make_eval_step(cfg, k_masks)
-  correct, count = 0, 0
-  for i, batch in enumerate(batches):
-    c, n = eval_step(params, sharding_lib.shard_batch(batch, mesh),
-                     jax.random.fold_in(jax.random.key(seed), i))
-    correct, count = correct + int(c), count + int(n)
-  return correct / max(count, 1)
+@dataclasses.dataclass
+class _Pending:
+  """Steps dispatched but not yet fetched, (step, metrics on device); the last fetched step; the
+  metrics fetched since the last log line."""
+  steps: list = dataclasses.field(default_factory=list)
+  synced: int = 0
+  window: list = dataclasses.field(default_factory=list)
+
+  def last_completed(self) -> int:
+    return faults.last_completed(self.steps, self.synced)
+
+  def fetch(self, mngr) -> None:
+    """The host sync: every pending step must be finite before anything is logged or saved."""
+    for s, m in jax.device_get(self.steps):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["update_norm"])):
+        ckpt_lib.check_saves(mngr, wait=True)
+        raise FloatingPointError(
+            f"non-finite training step at step {s} (loss {m['loss']}, update norm "
+            f"{m['update_norm']}); the last good checkpoint is step {mngr.latest_step()} "
+            f"in {mngr.directory}")
+      self.window.append(m)
+      self.synced = s
+    self.steps = []
+
+  def drain(self) -> list[dict]:
+    window, self.window = self.window, []
+    return window
+
+
+class _TrainClock:
+  """Training seconds since the last rate: stopped while the loop evaluates, logs and saves."""
+
+  def __init__(self, step: int):
+    self.step, self.seconds, self.since = step, 0.0, time.perf_counter()
+
+  def stop(self) -> None:  # after a host sync, when the dispatched steps have finished
+    self.seconds += time.perf_counter() - self.since
+
+  def go(self) -> None:
+    self.since = time.perf_counter()
+
+  def rate(self, step: int) -> float:
+    """Steps per training second since the previous call."""
+    steps_per_s = (step - self.step) / max(self.seconds, 1e-9)
+    self.step, self.seconds = step, 0.0
+    return steps_per_s
 
 
 def _model(config, workdir: str):
@@ -137,12 +171,28 @@ def _model(config, workdir: str):
   return cfg, palette, params
 
 
-def _skipped_files() -> dict:
-  """{"data_skipped_files": n, summed over hosts} once the input has skipped unreadable files."""
-  n = data_lib.skipped_files()
-  if jax.process_count() > 1:
-    n = int(np.sum(multihost_utils.process_allgather(np.int32(n))))
-  return {"data_skipped_files": n} if n else {}
+def _check_batch_size(config, mesh) -> None:
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  if config.batch_size % config.accum_steps:
+    raise ValueError(f"batch_size={config.batch_size} does not split into "
+                     f"accum_steps={config.accum_steps}")
+
+
+def _restore(mngr, workdir: str, cfg, tx, mesh, shardings):
+  """-> (state or None, its step, EarlyStopping) from the newest readable checkpoint."""
+  if not mngr.all_steps():
+    return None, 0, EarlyStopping()
+  abstract = steps_lib.abstract_train_state(cfg, tx, mesh)
+  params, opt_state, meta = ckpt_lib.restore(
+      mngr, abstract.params, abstract.opt_state, cfg,
+      set_aside=paths.path(workdir) / "unreadable_checkpoints")
+  start = meta["step"]
+  if meta["data_position"] != start:
+    raise ValueError(f"checkpoint {start} records data position {meta['data_position']}")
+  state = steps_lib.TrainState(step=jax.device_put(jnp.int32(start), shardings.step),
+                               params=params, opt_state=opt_state)
+  logging.info("resumed from step %d of %s", start, mngr.directory)
+  return state, start, EarlyStopping(**meta.get("loop", {}))
 
 
 def _datasets(config, cfg, palette, start_step: int):
@@ -160,171 +210,167 @@ def _datasets(config, cfg, palette, start_step: int):
   return train, evaluation
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       evaluators: Sequence[Evaluator] = ()) -> dict:
+def _train_step(config, cfg, tx, shardings, mesh, first_step: int):
+  """step(state, batch of this process's rows) -> (state, metrics), compiled at its first call,
+  which logs a checksum of the rows (hosts that read the same rows would each train on a copy)."""
+  finetuning = bool(config.init_workdir)
+  loss = finetune_lib.loss_fn(cfg, config.gen_weight) if finetuning else steps_lib.loss_fn(cfg)
+  step = console.first_call(
+      steps_lib.make_train_step(loss, tx, shardings, accum_steps=config.accum_steps,
+                                seed=config.seed), "compiling the train step")
+  keys = ("tokens", "labels") if finetuning else ("tokens",)
+  first = [True]
+
+  def fn(state, batch):
+    if first and first.pop():
+      logging.info("process %d of %d: batch %d has %d rows here, crc32 %08x",
+                   jax.process_index(), jax.process_count(), first_step, len(batch["tokens"]),
+                   zlib.crc32(batch["tokens"].tobytes()))
+    return step(state, sharding_lib.shard_batch({k: batch[k] for k in keys}, mesh))
+  return fn
+
+
+def _fresh_state(config, cfg, tx, mesh, shardings, init_params) -> steps_lib.TrainState:
+  """Step 0: the given parameters (fine-tuning) or a fresh init, laid out as shardings."""
+  if init_params is not None:
+    return steps_lib.state_from_params(init_params(mesh), tx, shardings)
+  return steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(config.seed))
+
+
+def _due(step: int, config, evaluators, stop: _Preemption, mngr):
+  """(log, checkpoint, the evaluators due, preempted) at step; every host stops at one step."""
+  log, save = (due(step, config[k], config.total_steps) for k in ("log_every", "checkpoint_every"))
+  evals = [e for e in evaluators if due(step, e.every, config.total_steps)]
+  preempted = (stop.event.is_set() if jax.process_count() == 1 else
+               mngr.reached_preemption(step))
+  return log, save, evals, preempted
+
+
+def _skipped_files() -> dict:
+  """{"data_skipped_files": n, summed over hosts} once the input has skipped unreadable files."""
+  n = data_lib.skipped_files()
+  if jax.process_count() > 1:
+    n = int(np.sum(multihost_utils.process_allgather(np.int32(n))))
+  return {"data_skipped_files": n} if n else {}
+
+
+def _train_scalars(window: list[dict], steps_per_s: float, tokens_per_step: int) -> dict:
+  """Means of the fetched steps' metrics (the last gradient norm), rates, skipped files."""
+  scalars = {f"train_{k}": float(np.mean([m[k] for m in window])) for k in window[0]
+             if k not in ("grad_norm", "update_norm")}
+  return {**scalars, "grad_norm": float(window[-1]["grad_norm"]), "steps_per_s": steps_per_s,
+          "tokens_per_s": steps_per_s * tokens_per_step, **_skipped_files()}
+
+
+def _evaluate(evaluators, params, step: int) -> dict:
+  scalars = {}
+  for evaluator in evaluators:
+    with console.status(f"{evaluator.name} at step {step}"):
+      scalars.update(evaluator.fn(params, step))
+  return scalars
+
+
+def _report(writer, step: int, total_steps: int, scalars: dict) -> None:
+  """scalars -> metrics.jsonl and TensorBoard; at log steps, the console line."""
+  if scalars:
+    writer.write(step, scalars)
+  if "train_loss" not in scalars:
+    return
+  eta = (total_steps - step) / max(scalars["steps_per_s"], 1e-9)
+  evals = "".join(f"  {k} {v:.4f}" for k, v in scalars.items()
+                  if k.startswith("eval_") and not k.endswith("bits_per_token"))
+  logging.info("step %d/%d  loss %.4f%s  %.2f steps/s  %.0f tokens/s  ETA %s", step, total_steps,
+               scalars["train_loss"], evals, scalars["steps_per_s"], scalars["tokens_per_s"],
+               time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+
+def _save(mngr, step: int, state, accuracy: float | None, meta: dict) -> None:
+  """A forced async save; fine-tuning ranks it by held-out accuracy (the best stays on disk)."""
+  ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=True,
+                metrics=None if accuracy is None else {ckpt_lib.BEST_METRIC: accuracy})
+
+
+def _end_early(mngr, step: int, preempted: bool, record: EarlyStopping) -> None:
+  if preempted:
+    ckpt_lib.check_saves(mngr, wait=True, preempted=True)
+    logging.warning("preempted: saved step %d, exiting", step)
+  else:
+    logging.info("early stop at step %d: no held-out gain since step %d", step, record.best_step)
+
+
+def _close(mngr, evaluators) -> None:
+  """Waits for the last save (a failure raises), then lets the evaluators finish."""
+  ckpt_lib.check_saves(mngr, wait=True)
+  mngr.close()
+  for evaluator in evaluators:
+    if evaluator.finish:
+      evaluator.finish()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's newest readable checkpoint); -> the last logged scalars,
   plus `best_step` and `best_eval_accuracy` when fine-tuning."""
-  finetuning = bool(config.init_workdir)
+  finetuning, total = bool(config.init_workdir), config.total_steps
   configured, palette, init_params = _model(config, workdir)  # what the checkpoints record
   mesh = sharding_lib.make_mesh(config.mesh, dcn_shape=config.dcn_mesh)
   cfg = steps_lib.for_mesh(configured, mesh)
-  sharding_lib.check_batch_size(config.batch_size, mesh)
-  if config.batch_size % config.accum_steps:
-    raise ValueError(f"batch_size={config.batch_size} does not split into "
-                     f"accum_steps={config.accum_steps}")
-  tx = steps_lib.make_optimizer(config.lr, config.total_steps, config.warmup_steps,
-                                config.grad_clip, config.schedule)
+  _check_batch_size(config, mesh)
+  tx = steps_lib.make_optimizer(config.lr, total, config.warmup_steps, config.grad_clip,
+                                config.schedule)
   mngr = ckpt_lib.manager(workdir, keep=config.keep_checkpoints,
                           best_metric=ckpt_lib.BEST_METRIC if finetuning else None)
   writer = metrics_lib.Writer(workdir, active=jax.process_index() == 0)
-  tokens_per_step = config.batch_size * cfg.n_ctx
   logging.info("model %s: %.2fM parameters, mesh %s", cfg, model_lib.param_count(cfg) / 1e6,
                dict(mesh.shape))
-
-  pending, synced = [], 0  # (step, metrics) still on device; the last step fetched
-  lost_peer = faults.peer_watch(lambda: faults.last_completed(pending, synced),
-                                lambda: ckpt_lib.newest_good_step(mngr.directory))
+  pending = _Pending()
+  newest = lambda: ckpt_lib.newest_good_step(mngr.directory)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
-      lost_peer, ckpt_lib.storage_watch(mngr):
+      faults.peer_watch(pending.last_completed, newest), ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)
-    loop = {"best_step": 0, "best_eval_accuracy": -1.0, "stale": 0}  # early-stopping record
-    start = 0
-    if mngr.all_steps():
-      abstract = steps_lib.abstract_train_state(cfg, tx, mesh)
-      params, opt_state, meta = ckpt_lib.restore(
-          mngr, abstract.params, abstract.opt_state, cfg,
-          set_aside=paths.path(workdir) / "unreadable_checkpoints")
-      start = meta["step"]
-      if meta["data_position"] != start:
-        raise ValueError(f"checkpoint {start} records data position {meta['data_position']}")
-      loop.update(meta.get("loop", {}))
-      state = steps_lib.TrainState(step=jax.device_put(jnp.int32(start), shardings.step),
-                                   params=params, opt_state=opt_state)
-      logging.info("resumed from step %d of %s", start, mngr.directory)
+    state, start, record = _restore(mngr, workdir, cfg, tx, mesh, shardings)
     # The input comes before any compile: a bad dataset or split stops the run at once.
-    train_iter, eval_iters = _datasets(config, cfg, palette, start)
-    if not start:
-      state = (steps_lib.state_from_params(init_params(mesh), tx, shardings) if finetuning else
-               steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(config.seed)))
-    loss = finetune_lib.loss_fn(cfg, config.gen_weight) if finetuning else steps_lib.loss_fn(cfg)
-    train_step = console.first_call(
-        steps_lib.make_train_step(loss, tx, shardings, accum_steps=config.accum_steps,
-                                  seed=config.seed), "compiling the train step")
-    eval_step = steps_lib.make_eval_step(cfg)
-    batch_keys = ("tokens", "labels") if finetuning else ("tokens",)
-    prompts = None  # first held-out images, for the completion rows of the sample grids
-
-    def eval_loss(params, step):
-      del step
-      total, count = 0.0, 0.0
-      for i, batch in enumerate(eval_iters()):
-        s, c = eval_step(params, sharding_lib.shard_batch(batch, mesh),
-                         jax.random.fold_in(jax.random.key(config.seed + 1), i))
-        total, count = total + float(s), count + float(c)
-      return {"eval_loss": total / max(count, 1.0),
-              "eval_bits_per_token": total / max(count, 1.0) / LN2}
-
-    def eval_accuracy(params, step):
-      del step
-      return {ckpt_lib.BEST_METRIC: held_out_accuracy(cfg, params, eval_iters(), mesh,
-                                                      config.k_masks, config.seed + 1)}
-
-    probe = None if finetuning else probe_lib.make_evaluator(config, cfg, palette, mesh)
-    evaluators = [Evaluator(config.eval_every, eval_loss),
-                  *([Evaluator(config.eval_every, eval_accuracy)] if finetuning else []),
-                  *([Evaluator(config.probe_every, probe)] if probe else []), *evaluators]
-
-    def due_at(every: int, step: int) -> bool:
-      return step == config.total_steps or (every > 0 and step % every == 0)
-
-    window, synced = [], start  # metrics fetched since the last log line
-    last = {}
-    t_log, step_log = time.perf_counter(), start
-    for step in range(start + 1, config.total_steps + 1):
-      batch = next(train_iter)
-      if step == start + 1:  # hosts that read the same rows would each train on a copy
-        logging.info("process %d of %d: batch %d has %d rows here, crc32 %08x",
-                     jax.process_index(), jax.process_count(), step, len(batch["tokens"]),
-                     zlib.crc32(batch["tokens"].tobytes()))
-      state, metrics = train_step(state, sharding_lib.shard_batch(
-          {k: batch[k] for k in batch_keys}, mesh))
-      pending.append((step, metrics))
+    train_iter, eval_batches = _datasets(config, cfg, palette, start)
+    if state is None:
+      state = _fresh_state(config, cfg, tx, mesh, shardings, init_params)
+    train_step = _train_step(config, cfg, tx, shardings, mesh, first_step=start + 1)
+    evaluators = evaluators_lib.build(config, cfg, palette, mesh, workdir, eval_batches)
+    pending.synced, clock, last = start, _TrainClock(start), {}
+    for step in range(start + 1, total + 1):
+      state, metrics = train_step(state, next(train_iter))
+      pending.steps.append((step, metrics))
       ckpt_lib.check_saves(mngr)  # a failed async save stops the run here, not steps later
-      due = {name: due_at(config[f"{name}_every"], step)
-             for name in ("log", "checkpoint", "sample")}
-      due["eval"] = [e for e in evaluators if due_at(e.every, step)]
-      if jax.process_count() == 1:
-        due["preempted"] = stop.event.is_set()
-      else:  # every host must stop at the same step
-        due["preempted"] = mngr.reached_preemption(step)
-      if not any(due.values()):
+      log, save, evals, preempted = _due(step, config, evaluators, stop, mngr)
+      if not (log or save or evals or preempted):
         continue
-
-      # Host sync: every step must be finite before anything is logged or saved.
-      for s, m in jax.device_get(pending):
-        if not (np.isfinite(m["loss"]) and np.isfinite(m["update_norm"])):
-          ckpt_lib.check_saves(mngr, wait=True)
-          raise FloatingPointError(
-              f"non-finite training step at step {s} (loss {m['loss']}, update norm "
-              f"{m['update_norm']}); the last good checkpoint is step {mngr.latest_step()} "
-              f"in {mngr.directory}")
-        window.append(m)
-      pending, synced = [], step
-      scalars = {}
-      if due["log"] or due["preempted"]:
-        steps_per_s = (step - step_log) / (time.perf_counter() - t_log)
-        scalars = {f"train_{k}": float(np.mean([m[k] for m in window])) for k in window[0]
-                   if k not in ("grad_norm", "update_norm")}
-        scalars.update(grad_norm=float(window[-1]["grad_norm"]), steps_per_s=steps_per_s,
-                       tokens_per_s=steps_per_s * tokens_per_step, **_skipped_files())
-        window = []
-      for evaluator in due["eval"]:
-        with console.status(f"{evaluator.fn.__name__} at step {step}"):
-          scalars.update(evaluator.fn(state.params, step))
+      pending.fetch(mngr)
+      clock.stop()
+      scalars = (_train_scalars(pending.drain(), clock.rate(step), config.batch_size * cfg.n_ctx)
+                 if log or preempted else {})
+      scalars.update(_evaluate(evals, state.params, step))
       accuracy = scalars.get(ckpt_lib.BEST_METRIC)
       if accuracy is not None:
-        if accuracy > loop["best_eval_accuracy"]:
-          loop.update(best_step=step, best_eval_accuracy=accuracy, stale=0)
-        else:
-          loop["stale"] += 1
-      if scalars:
-        writer.write(step, scalars)
-        last = scalars
-      if "train_loss" in scalars:
-        eta = (config.total_steps - step) / max(scalars["steps_per_s"], 1e-9)
-        evals = "".join(f"  {k} {v:.4f}" for k, v in scalars.items() if k.startswith("eval_")
-                        and not k.endswith("bits_per_token"))
-        logging.info("step %d/%d  loss %.4f%s  %.2f steps/s  %.0f tokens/s  ETA %s", step,
-                     config.total_steps, scalars["train_loss"], evals, scalars["steps_per_s"],
-                     scalars["tokens_per_s"], time.strftime("%H:%M:%S", time.gmtime(eta)))
-      if due["sample"]:
-        if prompts is None:
-          prompts = np.asarray(next(iter(eval_iters()))["tokens"][:4])
-        with console.status(f"drawing samples at step {step}"):
-          save_samples(paths.path(workdir) / f"samples_{step:07d}.png", cfg, state.params,
-                       palette, jax.random.fold_in(jax.random.key(config.seed + 2), step),
-                       prompts, mesh)
-      early_stop = accuracy is not None and 0 < config.patience <= loop["stale"]
-      if due["checkpoint"] or due["preempted"] or accuracy is not None:
-        meta = ckpt_lib.make_meta(configured, palette, step, ckpt_lib.to_jsonable(config), loop)
-        ckpt_lib.save(mngr, step, state.params, state.opt_state, meta, force=True,
-                      metrics=None if accuracy is None else {ckpt_lib.BEST_METRIC: accuracy})
-      if due["preempted"]:
-        ckpt_lib.check_saves(mngr, wait=True, preempted=True)
-        logging.warning("preempted: saved step %d, exiting", step)
+        record.update(step, accuracy)
+      _report(writer, step, total, scalars)
+      last = scalars or last
+      if save or preempted or accuracy is not None:
+        _save(mngr, step, state, accuracy, ckpt_lib.make_meta(
+            configured, palette, step, ckpt_lib.to_jsonable(config), dataclasses.asdict(record)))
+      if preempted or (accuracy is not None and record.stop(config.patience)):
+        _end_early(mngr, step, preempted, record)
         break
-      if early_stop:
-        logging.info("early stop at step %d: no held-out gain since step %d", step,
-                     loop["best_step"])
-        break
-      if "train_loss" in scalars:  # evals, samples and saves stay out of the step rate
-        t_log, step_log = time.perf_counter(), step
+      clock.go()
+  _close(mngr, evaluators)
+  best = dict(best_step=record.best_step, best_eval_accuracy=record.best_eval_accuracy)
+  return {**last, **best} if finetuning else last
 
-  ckpt_lib.check_saves(mngr, wait=True)
-  mngr.close()
-  if probe and jax.process_index() == 0:
-    probe_lib.write_probe_vs_loss(workdir)
-  if finetuning:
-    last = {**last, "best_step": loop["best_step"],
-            "best_eval_accuracy": loop["best_eval_accuracy"]}
-  return last
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The launch scripts' run: console, devices and the multi-process job, then the loop; a
+  failed save or a lost peer ends it with one line and a documented status (faults.py)."""
+  console.setup()
+  if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
+    sharding_lib.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
+  sharding_lib.maybe_initialize_distributed()
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)
+  with faults.exit_on_fault():
+    return train_and_evaluate(config, workdir)

@@ -16,14 +16,20 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
+from ml_collections import config_flags
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import evaluators
 from igpt_jax import faults
 from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import train
-from launch import train as train_script  # defines --config and --workdir
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here: a "
+                                "local directory or a bucket (gs://bucket/run).")
 
 
 def test_accuracy(config, workdir: str) -> float:
@@ -34,17 +40,16 @@ def test_accuracy(config, workdir: str) -> float:
   batches = data.make_dataset(config.data, split=config.test_split, batch_size=config.batch_size,
                               palette=palette, n_px=cfg.n_px, train=False, seed=config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    return train.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
+    return evaluators.held_out_accuracy(cfg, params, batches, mesh, config.k_masks, config.seed + 2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  # pylint: disable-next=protected-access
-  config, workdir = train_script._CONFIG.value, train_script._WORKDIR.value
+  config, workdir = _CONFIG.value, _WORKDIR.value
   if not config.init_workdir:
     raise app.UsageError("--config.init_workdir must name the pretraining run to fine-tune")
-  last = train_script.run(config, workdir)
+  last = train.run(config, workdir)
   results = {"best_step": last["best_step"], "held_out_accuracy": last["best_eval_accuracy"]}
   if config.test_split:
     results["test_accuracy"] = test_accuracy(config, workdir)

@@ -15,10 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from igpt_jax import console
 from igpt_jax import faults
-from igpt_jax import paths
-from igpt_jax import sharding
 from igpt_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -27,21 +24,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and sample
                                 "local directory or a bucket (gs://bucket/run).")
 
 
-def run(config, workdir: str) -> dict:
-  """What launch/train.py and launch/finetune.py do: set up the devices, then the loop."""
-  console.setup()
-  if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
-    sharding.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
-  sharding.maybe_initialize_distributed()
-  paths.path(workdir).mkdir(parents=True, exist_ok=True)
-  with faults.exit_on_fault():  # a failed save, a lost peer: one line and a documented status
-    return train.train_and_evaluate(config, workdir)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value)
+  train.run(_CONFIG.value, _WORKDIR.value)
   faults.exit_done()
 
 

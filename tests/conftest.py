@@ -100,8 +100,9 @@ def interrupt(proc, workdir, sig, after_step):
   return err
 
 
-def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
-  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each."""
+def launch_pair(files, workdir, *overrides):  # pylint: disable=redefined-outer-name
+  """Starts launch/train.py as processes 0 and 1 of one job, one CPU device each; overrides:
+  more --config flags (later flags win)."""
   port, procs = free_port(), []
   for i in range(2):
     env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
@@ -110,7 +111,7 @@ def launch_pair(files, workdir):  # pylint: disable=redefined-outer-name
     args = [sys.executable, "-m", "launch.train", f"--config={TINY}", f"--workdir={workdir}",
             f"--config.data.name={files[0]}", f"--config.palette={files[1]}",
             f"--config.total_steps={PAIR_STEPS}", "--config.checkpoint_every=4",
-            "--config.eval_every=20", "--config.sample_every=0"]
+            "--config.eval_every=20", "--config.sample_every=0", *overrides]
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
   return procs
@@ -122,6 +123,16 @@ def finish_pair(procs) -> list[str]:
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
   return errs
+
+
+def grid_cells(grid, n_px: int, pad: int = 2, scale: int = 4) -> list[list[np.ndarray]]:
+  """The images of a `save_grid` PNG, row by row (white cells of short rows dropped)."""
+  grid = np.asarray(grid)[::scale, ::scale]
+  step = n_px + pad
+  cells = [[grid[pad + i * step:pad + i * step + n_px, pad + j * step:pad + j * step + n_px]
+            for j in range((grid.shape[1] - pad) // step)]
+           for i in range((grid.shape[0] - pad) // step)]
+  return [[c for c in row if (c != 255).any()] for row in cells]
 
 
 # -- a stand-in for OpenAI's weights on the hub ---------------------------------------------------

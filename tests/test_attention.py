@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from igpt_jax import attention
+from igpt_jax import kernels
 from igpt_jax.model import IGPT, IGPTConfig, init_cache, init_params
 
 
@@ -26,7 +27,7 @@ def test_blocked_matches_reference_values_and_grads(causal, t, block):
     return jnp.vdot(fn(q, k, v), g)
 
   ref = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
-  ours = functools.partial(attention.blocked_attention, causal=causal, block=block)
+  ours = functools.partial(kernels.blocked_attention, causal=causal, block=block)
   np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
   grads_ref = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2)))(q, k, v)
   grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
@@ -42,7 +43,7 @@ def test_splash_interpret_matches_reference_values_and_grads(causal):
   q, k, v, g = [jax.random.normal(key, (2, 256, 2, 16), jnp.float32) for key in keys]
   loss = lambda fn, q, k, v: jnp.vdot(fn(q, k, v), g)
   ref = functools.partial(jax.nn.dot_product_attention, is_causal=causal)
-  ours = functools.partial(attention.splash_attention, causal=causal, block=128, interpret=True)
+  ours = functools.partial(kernels.splash_attention, causal=causal, block=128, interpret=True)
   np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=1e-5, rtol=1e-5)
   grads = jax.jit(jax.grad(functools.partial(loss, ours), argnums=(0, 1, 2)))(q, k, v)
   grads_ref = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
@@ -53,17 +54,17 @@ def test_splash_interpret_matches_reference_values_and_grads(causal):
 @pytest.mark.parametrize("n_px", [32, 48, 64])
 def test_splash_tiles_divide_every_preset_length(n_px):
   t = n_px * n_px  # 1024, 2304 (48x48: 512 does not divide it), 4096
-  block = attention.splash_block(t)
-  assert t % block == 0 and block % 128 == 0 and 128 <= block <= attention.SPLASH_BLOCK
+  block = kernels.splash_block(t)
+  assert t % block == 0 and block % 128 == 0 and 128 <= block <= kernels.SPLASH_BLOCK
   assert block == max(b for b in range(128, 513, 128) if t % b == 0)
   with pytest.raises(ValueError, match="multiple of 128"):
-    attention.splash_block(t + 64)
+    kernels.splash_block(t + 64)
 
 
 def test_splash_with_a_tile_wider_than_divides_t():
   # T 384 with tiles of up to 256: 256 does not divide 384, so the kernel must take 128.
   q, k, v = (x[:, :, :1] for x in _qkvg(384)[:3])
-  out = jax.jit(functools.partial(attention.splash_attention, causal=True, block=256,
+  out = jax.jit(functools.partial(kernels.splash_attention, causal=True, block=256,
                                   interpret=True))(q, k, v)
   np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v, is_causal=True),
                              atol=1e-5, rtol=1e-5)
@@ -78,16 +79,16 @@ def test_splash_runs_per_device_on_a_data_fsdp_tensor_mesh():
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
                                                                      "tensor", None))
   with jax.set_mesh(mesh):
-    fn = jax.jit(functools.partial(attention.splash_attention, causal=True, interpret=True))
+    fn = jax.jit(functools.partial(kernels.splash_attention, causal=True, interpret=True))
     out = fn(*(jax.device_put(x, spec) for x in (q, k, v)))
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_blocked_is_causal():
   q, k, v, _ = _qkvg(32)
-  out = attention.blocked_attention(q, k, v, causal=True, block=8)
+  out = kernels.blocked_attention(q, k, v, causal=True, block=8)
   k2, v2 = k.at[:, 20:].set(7.0), v.at[:, 20:].set(-3.0)  # change only the future of row 19
-  out2 = attention.blocked_attention(q, k2, v2, causal=True, block=8)
+  out2 = kernels.blocked_attention(q, k2, v2, causal=True, block=8)
   np.testing.assert_array_equal(out[:, :20], out2[:, :20])
   assert not np.allclose(out[:, 20:], out2[:, 20:])
 
@@ -95,7 +96,7 @@ def test_blocked_is_causal():
 def test_bfloat16_inputs_keep_float32_softmax():
   q, k, v, _ = _qkvg(32)
   ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  low = attention.blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=True,
+  low = kernels.blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), causal=True,
                                     block=8)
   assert low.dtype == jnp.bfloat16
   np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)

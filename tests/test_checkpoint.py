@@ -40,7 +40,7 @@ def test_load_onto_a_mesh_restores_parameters_in_their_training_layout(tmp_path)
   mesh = sharding.make_mesh((2, 2, 2))
   _, got, _ = checkpoint.load(str(tmp_path), mesh=mesh)
   assert_trees_equal(got, params)
-  want = sharding.param_shardings(cfg, mesh)
+  want = steps.param_shardings(cfg, mesh)
   for array, layout in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert array.sharding.is_equivalent_to(layout, array.ndim)
   # Split, not copied: a c_fc shard holds a quarter (fsdp 2 x tensor 2) of the stacked weight.

@@ -114,6 +114,20 @@ def test_eval_hosts_yield_equal_batch_counts(npz):
   np.testing.assert_array_equal(np.sort(labels), np.arange(10))
 
 
+def test_host_sizes_are_counted_once_per_split(npz, monkeypatch):
+  # Every evaluation pass pads each host to the largest host's share; counting the shares reads
+  # every host's slice of the split, which must happen once, not at every evaluation.
+  calls = []
+  real = data._local_slices
+  monkeypatch.setattr(data, "_local_slices", lambda *a: calls.append(a) or real(*a))
+  for _ in range(3):
+    list(_tokens(npz, split="train[:9]", batch_size=6, train=False, process_index=1,
+                 process_count=3))
+    assert data.num_examples(npz, "train[:9]") == 9  # one process: all of it
+  counted = [a for a in calls if a[3] == 3 and a[2] != 1]  # other hosts' shares
+  assert len(counted) == 2  # hosts 0 and 2, once each
+
+
 def _preprocess(image, augment, n_px, seed):
   seed = None if seed is None else tf.constant([0, seed], tf.int64)
   return data._preprocess(tf.constant(image), augment, n_px, seed).numpy()

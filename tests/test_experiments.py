@@ -21,9 +21,12 @@ EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_config(name):
   config = importlib.import_module(f"experiments.{name}").get_config()
-  # A misspelt field (probe_everyy) would otherwise be an extra key the loop never reads.
+  # A misspelt field (eval_everyy) would otherwise be an extra key the loop never reads.
   reference = (probe_cifar10_tiny if name.startswith("probe_") else base).get_config()
   assert set(config.keys()) == set(reference.keys())
+  kinds = {e.type: e for e in reference.get("evals", {}).values()}
+  for key, entry in config.get("evals", {}).items():  # evaluators: their kind's fields
+    assert set(entry.keys()) == set(kinds[entry.type].keys()), key
   # Every model field is there to be set from the command line (unset ones are None).
   fields = {f.name for f in dataclasses.fields(model_lib.IGPTConfig)}
   assert set(config.model.keys()) == fields | {"preset"}

@@ -15,6 +15,7 @@ import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import data
+from igpt_jax import evaluators
 from igpt_jax import finetune
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
@@ -128,8 +129,8 @@ def test_finetune_keeps_the_best_checkpoint_on_disk(pretrained, tmp_path):
   batches = data.make_dataset(config.data, split=config.data.eval_split, batch_size=8,
                               palette=palette, n_px=2, train=False)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    params = jax.device_put(params, sharding.param_shardings(ft_cfg, mesh))
-    assert train.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
+    params = jax.device_put(params, steps.param_shardings(ft_cfg, mesh))
+    assert evaluators.held_out_accuracy(ft_cfg, params, batches, mesh, 1, 0) == evals[best]
 
 
 @pytest.mark.slow

@@ -7,12 +7,13 @@ import signal
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import sharding
-from conftest import PAIR_STEPS, finish_pair, launch_pair
+from conftest import PAIR_STEPS, finish_pair, grid_cells, launch_pair
 
 
 def first_batch_crcs(errs) -> dict:
@@ -64,6 +65,18 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
   np.testing.assert_array_equal([got[s]["train_loss"] for s in steps],
                                 [want[s]["train_loss"] for s in steps])
   assert got[PAIR_STEPS]["eval_loss"] == want[PAIR_STEPS]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_two_processes_draw_each_original_beside_its_own_completions(files, tmp_path):
+  finish_pair(launch_pair(files, tmp_path, "--config.total_steps=2", "--config.sample_every=2",
+                     "--config.checkpoint_every=0", "--config.eval_every=0"))
+  rows = grid_cells(Image.open(tmp_path / "samples_0000002.png"), n_px=4)
+  assert len(rows) == 5  # unconditional samples, then 4 held-out images
+  for row in rows[1:]:  # [input | completions (one per batch shard, each host's own) | original]
+    assert len(row) == 4
+    for image in row[:-1]:  # every one keeps the original's top half
+      np.testing.assert_array_equal(image[:2], row[-1][:2])
 
 
 # -- the launch variables ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe
 from igpt_jax import sharding
+from igpt_jax import steps
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -38,7 +39,7 @@ def test_extraction_on_8_devices_equals_1_device(params):
   # Parameters split as training lays them out (embed over fsdp, heads over tensor), as
   # checkpoint.load(..., mesh=) restores them for models too big for one chip.
   mesh = sharding.make_mesh((1, 4, 2))
-  split = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+  split = jax.device_put(params, steps.param_shardings(CFG, mesh))
   assert not split["wte"].sharding.is_fully_replicated
   fsdp = probe.extract_features(CFG, split, tokens, batch_size=16, mesh=mesh)
   assert sorted(many) == list(range(CFG.n_layer + 1))
@@ -242,13 +243,15 @@ def test_checkpoints_flag_names_steps_on_disk(run_dir):
 # -- the evaluator inside training -------------------------------------------------------------
 
 def _evaluator_config(root, **overrides):
+  """(config.evals.probe, the training config it reads data and batch_size from)."""
   config = ml_collections.ConfigDict(dict(
       data=dict(name=str(root / "tiny.npz"), train_split="train[:48]", eval_split="train[32:]"),
-      batch_size=8, probe_every=10, probe_train_split="train[:32]",
-      probe_eval_split="train[32:]", probe_layers=(), probe_reading="ln1",
-      probe_l2s=(1e-2, 1e-1)))
-  config.update(overrides)
-  return config
+      batch_size=8))
+  ecfg = ml_collections.ConfigDict(dict(
+      type="probe", every=10, train_split="train[:32]", eval_split="train[32:]", layers=(),
+      reading="ln1", l2s=(1e-2, 1e-1)))
+  ecfg.update(overrides)
+  return ecfg, config
 
 
 def test_spread_layers_include_the_middle_and_the_top():
@@ -260,13 +263,13 @@ def test_spread_layers_include_the_middle_and_the_top():
 def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_probe(run_dir, params):
   from igpt_jax import data as data_lib
   from igpt_jax import sharding as sharding_lib
-  config = _evaluator_config(run_dir)
-  assert probe.make_evaluator(_evaluator_config(run_dir, probe_every=0), CFG, None, None) is None
+  ecfg, config = _evaluator_config(run_dir)
+  assert probe.make_evaluator(*_evaluator_config(run_dir, every=0), CFG, None, None) is None
   palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
   mesh = sharding_lib.make_mesh((2, 2, 2))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
-    sharded = jax.device_put(params, sharding_lib.param_shardings(CFG, mesh))
-    evaluate = probe.make_evaluator(config, CFG, palette, mesh)
+    sharded = jax.device_put(params, steps.param_shardings(CFG, mesh))
+    evaluate = probe.make_evaluator(ecfg, config, CFG, palette, mesh)
     got = evaluate(sharded, 10)
   layers = probe.spread_layers(CFG.n_layer)
   assert got["probe_layer"] in layers and 0 < got["probe_seconds"]
@@ -285,7 +288,7 @@ def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_pro
   (train_x, train_y), (test_x, test_y) = split("train[:32]"), split("train[32:]")
   assert len(test_y) == 16
   for l in layers:
-    want = probe.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=config.probe_l2s)
+    want = probe.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=ecfg.l2s)
     assert abs(got[f"probe_accuracy_layer{l:02d}"] - want["accuracy"]) <= 1 / 16
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from igpt_jax import palette as palette_lib
 from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
 from igpt_jax.model import IGPT, IGPTConfig, init_params
-from conftest import write_random_hf_imagegpt
+from conftest import grid_cells, write_random_hf_imagegpt
 
 CFG = IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=4, vocab_size=16)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +104,23 @@ def test_sharded_sampling_equals_unsharded(params, prompt):
     np.testing.assert_array_equal(got, want)
   with pytest.raises(ValueError, match="batch shards"):
     sample_lib.sample(CFG, params, jax.random.key(0), batch_size=3, mesh=mesh)
+
+
+@pytest.mark.parametrize("shards", [3, 6, 7])
+def test_sample_grid_on_meshes_the_batch_splits_unevenly(params, shards, tmp_path):
+  mesh = sharding.make_mesh((shards, 1, 1), jax.devices()[:shards])
+  palette = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
+  tokens = np.asarray(jax.random.randint(jax.random.key(3), (4, CFG.n_ctx), 0, CFG.vocab_size))
+  grid = sample_lib.save_samples(tmp_path / "g.png", CFG, params, palette, jax.random.key(4),
+                                 tokens, mesh)
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
+  rows = grid_cells(grid, CFG.n_px)
+  assert len(rows) == 5 and len(rows[0]) >= 8  # unconditional samples, then one row per image
+  originals = palette_lib.dequantize(tokens, palette, CFG.n_px)
+  for row, original in zip(rows[1:], originals):  # [input | completions | original]
+    np.testing.assert_array_equal(row[-1], original)
+    for image in row[1:-1]:  # the top half is the prompt's
+      np.testing.assert_array_equal(image[:CFG.n_px // 2], original[:CFG.n_px // 2])
 
 
 def test_bad_arguments_raise(params):

@@ -1,0 +1,80 @@
+"""The loop's evaluators built from the config, their shared batched reducer, and the loop's
+schedule and early-stopping record."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import base
+from igpt_jax import evaluators
+from igpt_jax import model as model_lib
+from igpt_jax import sharding
+from igpt_jax import steps
+from igpt_jax import train
+
+CFG = model_lib.IGPTConfig(n_px=4, n_layer=1, n_embd=16, n_head=2, vocab_size=16)
+
+
+def test_batch_sums_adds_named_counts_over_every_batch():
+  mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
+  rows = np.arange(24, dtype=np.int32).reshape(3, 8)  # 3 batches of 8
+  fn = jax.jit(lambda params, batch, rng: {
+      "total": jnp.sum(batch["x"]) * params, "rows": jnp.float32(batch["x"].shape[0]),
+      "draw": jax.random.uniform(rng)})
+  got = evaluators.batch_sums(fn, 2.0, [{"x": r} for r in rows], mesh, seed=5)
+  assert got["total"] == 2 * rows.sum() and got["rows"] == 24
+  want = sum(float(jax.random.uniform(jax.random.fold_in(jax.random.key(5), i)))
+             for i in range(3))  # batch i draws from fold_in(key(seed), i)
+  np.testing.assert_allclose(got["draw"], want, rtol=1e-6)
+
+
+def _build(cfg, **evals):
+  config = base.get_config()
+  config.evals.update(evals)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  return evaluators.build(config, cfg, None, mesh, "/nonexistent", eval_batches=lambda: [])
+
+
+def test_build_makes_the_loops_own_then_the_configured_ones():
+  assert [e.name for e in _build(CFG)] == ["held_out", "samples"]  # the probe's every is 0
+  # BERT models draw no samples (sample() refuses them), even at the last step.
+  assert [e.name for e in _build(CFG.replace(objective="bert"))] == ["held_out"]
+  with pytest.raises(ValueError, match=r"config.evals.mine: unknown type 'fid'"):
+    _build(CFG, mine={"type": "fid", "every": 10})
+
+
+def test_periodic_actions_are_due_every_n_steps_and_at_the_last():
+  assert [s for s in range(1, 11) if train.due(s, 4, 10)] == [4, 8, 10]
+  assert [s for s in range(1, 11) if train.due(s, 0, 10)] == [10]
+
+
+def test_early_stopping_counts_evaluations_without_a_gain():
+  record = train.EarlyStopping()
+  for step, accuracy in [(2, 0.5), (4, 0.5), (6, 0.7), (8, 0.6), (10, 0.7)]:
+    record.update(step, accuracy)
+  assert (record.best_step, record.best_eval_accuracy, record.stale) == (6, 0.7, 2)
+  assert record.stop(patience=2) and not record.stop(patience=3) and not record.stop(patience=0)
+
+
+def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
+  cfg = CFG.replace(n_classes=3)
+  params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, 16, (4, cfg.n_ctx), dtype=np.int32),
+              "labels": rng.integers(0, 3, 4, dtype=np.int32),
+              "valid": np.array([True, True, True, i == 0])} for i in range(2)]
+  passes = []
+  config = base.get_config()
+  config.init_workdir = "/a/pretrained/run"  # fine-tuning: the loop's accuracy rides along
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, "/nonexistent",
+                                           lambda: passes.append(1) or iter(batches))
+               if e.name == "held_out"]
+  got = held_out.fn(params, 10)
+  assert len(passes) == 1
+  assert got["eval_accuracy"] == evaluators.held_out_accuracy(cfg, params, batches, mesh,
+                                                               config.k_masks, config.seed + 1)
+  losses = np.concatenate([steps.example_losses(cfg, params, b["tokens"], None)[b["valid"]]
+                           for b in batches])  # 7 valid rows
+  np.testing.assert_allclose(got["eval_loss"], losses.mean(), rtol=1e-5)
