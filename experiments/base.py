@@ -75,14 +75,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept (plus the best one when fine-tuning)
   c.sample_every = 0  # PNG grid of samples and half-image completions (AR models only)
 
+  # Evaluators beside the held-out loss, each built from its entry by `type`.
+  c.evals = ml_collections.ConfigDict()
   # Linear probes during pretraining (probe.make_evaluator): held-out probe accuracy per layer
-  # every probe_every steps (0: never; at eval steps, probe_vs_loss.png pairs it with the loss).
-  c.probe_every = 0
-  c.probe_train_split = ""  # labelled images of config.data the probe fits on (a small subset)
-  c.probe_eval_split = ""  # labelled held-out images it is scored on
-  c.probe_layers = ()  # empty: a quarter, half, three quarters and all of the depth
-  c.probe_reading = "ln1"  # "ln1" (the paper's), "residual", or either + "_2x2" (quadrant means)
-  c.probe_l2s = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # L2 grid, chosen on a tenth of the fit images
+  # every `every` steps (0: never; at eval steps, probe_vs_loss.png pairs it with the loss).
+  c.evals.probe = ml_collections.ConfigDict(dict(
+      type="probe", every=0,
+      train_split="",  # labelled images of config.data the probe fits on (a small subset)
+      eval_split="",  # labelled held-out images it is scored on
+      layers=(),  # empty: a quarter, half, three quarters and all of the depth
+      reading="ln1",  # "ln1" (the paper's), "residual", or either + "_2x2" (quadrant means)
+      l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)))  # L2 grid, chosen on a tenth of the fit images
 
   # Fine-tuning: set init_workdir to train a classifier on a pretrained run.
   c.init_workdir = ""  # the run whose parameters start this one (its model and palette too)

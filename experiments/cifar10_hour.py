@@ -28,6 +28,6 @@ def get_config():
   c.sample_every = 1200
 
   # At every eval step, so probe_vs_loss.png has 4 points.
-  c.probe_every = 300
-  c.probe_layers = (2, 4, 6, 8, 10, 12)
+  c.evals.probe.every = 300
+  c.evals.probe.layers = (2, 4, 6, 8, 10, 12)
   return c

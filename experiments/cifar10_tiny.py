@@ -37,12 +37,12 @@ def get_config():
 
   # The probe at every other eval step (about 25 s each, 13% of the wall time on the demo), on
   # a small labelled subset.
-  c.probe_every = 350
-  c.probe_train_split = "train[:2000]"
-  c.probe_eval_split = "train[40000:42000]"
-  c.probe_reading = "ln1_2x2"  # as experiments/probe_cifar10_tiny.py reads
+  c.evals.probe.every = 350
+  c.evals.probe.train_split = "train[:2000]"
+  c.evals.probe.eval_split = "train[40000:42000]"
+  c.evals.probe.reading = "ln1_2x2"  # as experiments/probe_cifar10_tiny.py reads
   # The L2 is chosen on 200 images here: when it was picked by their accuracy, 1.0 in the grid
   # got picked by that noise and the held-out figure fell from 39.5% to 36.2% on the demo
   # checkpoint; 1e-4 ran to the cap.
-  c.probe_l2s = (1e-3, 1e-2, 1e-1)
+  c.evals.probe.l2s = (1e-3, 1e-2, 1e-1)
   return c

@@ -229,10 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return {ckpt_lib.BEST_METRIC: held_out_accuracy(cfg, params, eval_iters(), mesh,
                                                       config.k_masks, config.seed + 1)}
 
-    probe = None if finetuning else probe_lib.make_evaluator(config, cfg, palette, mesh)
+    probe = None if finetuning else probe_lib.make_evaluator(config.evals.probe, config, cfg,
+                                                             palette, mesh)
     evaluators = [Evaluator(config.eval_every, eval_loss),
                   *([Evaluator(config.eval_every, eval_accuracy)] if finetuning else []),
-                  *([Evaluator(config.probe_every, probe)] if probe else []), *evaluators]
+                  *([Evaluator(config.evals.probe.every, probe)] if probe else []), *evaluators]
 
     def due_at(every: int, step: int) -> bool:
       return step == config.total_steps or (every > 0 and step % every == 0)

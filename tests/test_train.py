@@ -215,8 +215,9 @@ def interrupt(proc, workdir, sig, after_step):
 def uninterrupted(files, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   # The probe evaluator rides along: the resume tests then also show it leaves training alone.
-  proc = launch(files, workdir, probe_every=30, probe_train_split="train[:48]",
-                probe_eval_split="train[48:]")
+  proc = launch(files, workdir, **{"evals.probe.every": 30,
+                                   "evals.probe.train_split": "train[:48]",
+                                   "evals.probe.eval_split": "train[48:]"})
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   return workdir
