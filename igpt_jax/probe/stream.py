@@ -187,9 +187,9 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
   dim = len(mean)
 
   replicated = sharding_lib.replicated(mesh)
-  zeros = {"w": jnp.zeros((len(grid), dim, n_classes), jnp.float32),
-           "b": jnp.zeros((len(grid), n_classes), jnp.float32)}
-  params = jax.device_put(zeros, replicated)
+  zeros = {"w": np.zeros((len(grid), dim, n_classes), np.float32),
+           "b": np.zeros((len(grid), n_classes), np.float32)}
+  params = jax.device_put(zeros, replicated)  # host arrays: two puts are two buffers (donated)
   momentum = jax.device_put(zeros, replicated)
   constants = jax.device_put((np.array([g[0] for g in grid], np.float32),
                               np.array([g[1] for g in grid], np.float32), mean, std), replicated)
