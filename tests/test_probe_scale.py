@@ -152,51 +152,52 @@ def test_streaming_probe_reaches_lbfgs_on_real_cifar_features(cifar10_npz, tmp_p
 
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, os, resource, sys
-    import numpy as np
     from igpt_jax import console, probe, sharding
     console.setup()
-    out, rows, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-
-    def write(d, n):  # batches drawn one at a time: the split is never in memory here either
-      rng = np.random.default_rng(0)
-      def batches():
-        for i in range(0, n, 4096):
-          b = min(4096, n - i)
-          yield {"tokens": rng.normal(size=(b, dim)).astype(np.float32),
-                 "labels": rng.integers(0, 10, b).astype(np.int32)}
-      for split in ("train", "test"):
-        probe.write_features(batches(), lambda t, i: {"layer00": t}, d, split, rows=n,
-                             shard_batches=8, dtype="bfloat16")
 
     def rss():
       with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    mesh = sharding.make_mesh((-1, 1, 1))
-    opts = dict(mesh=mesh, epochs=1, batch_size=1024, chunk_rows=4096, lrs=(0.1,), l2s=(1e-4,))
-    write(out + "/small", 8192)
-    probe.stream_probe(out + "/small", ["layer00"], **opts)  # compiles the same programs
-    write(out + "/big", rows)
+    opts = dict(mesh=sharding.make_mesh((-1, 1, 1)), epochs=1, batch_size=1024,
+                chunk_rows=4096, lrs=(0.1,), l2s=(1e-4,))
+    probe.stream_probe(sys.argv[1], ["layer00"], **opts)  # compiles the same programs
     before = rss()
-    result = probe.stream_probe(out + "/big", ["layer00"], **opts)
+    result = probe.stream_probe(sys.argv[2], ["layer00"], **opts)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"before": before, "peak": peak, "accuracy": result["accuracy"]}))
 """)
 
 
+def _write_random(out_dir, rows: int, dim: int):
+  """Train and test splits of random bfloat16 features, drawn a batch at a time."""
+  rng = np.random.default_rng(0)
+
+  def batches():
+    for i in range(0, rows, 4096):
+      b = min(4096, rows - i)
+      yield {"tokens": rng.normal(size=(b, dim)).astype(np.float32),
+             "labels": rng.integers(0, 10, b).astype(np.int32)}
+  for split in ("train", "test"):
+    probe.write_features(batches(), lambda t, i: {"layer00": t}, out_dir, split, rows=rows,
+                         shard_batches=8, dtype="bfloat16")
+
+
 @pytest.mark.slow
 def test_streaming_probe_memory_stays_bounded(tmp_path):
   """A train split 4x the bound on disk (bfloat16); the probe's growth in resident memory over
-  the process before it (measured in a subprocess: ru_maxrss is per process) stays under it."""
-  bound = 128 * 2 ** 20
-  rows, dim = 4 * bound // (2 * 1024), 1024
-  out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), str(rows), str(dim)],
-                       cwd=REPO, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
-  assert out.returncode == 0, out.stderr[-3000:]
-  record = json.loads(out.stdout.splitlines()[-1])
+  the process before it (a subprocess: its peak is the probe's alone) stays under the bound."""
+  bound, dim = 128 * 2 ** 20, 1024
+  _write_random(tmp_path / "small", 8192, dim)
+  _write_random(tmp_path / "big", 4 * bound // (2 * dim), dim)
   on_disk = sum(p.stat().st_size for p in (tmp_path / "big" / "train").rglob("*.npy"))
   assert on_disk >= 4 * bound
+  out = subprocess.run(
+      [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "small"), str(tmp_path / "big")],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  record = json.loads(out.stdout.splitlines()[-1])
   assert record["peak"] - record["before"] < bound, record
 
 
