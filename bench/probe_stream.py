@@ -7,7 +7,7 @@ layer of iGPT-L: 1,281,167 x 1536 in bfloat16 (3.9 GB) on disk, 1000 classes.
 Reports the wall time of each training epoch, the probe's peak resident memory (the process's
 high-water mark reset just before the probe, Linux /proc/self/clear_refs, after a warm-up probe
 of the same shapes has compiled its programs), the cold read
-throughput of the probe's own reader (`features.read_shard` over every train shard, the files
+throughput of the probe's own reader (`probe.read_shard` over every train shard, the files
 evicted from the page cache first with posix_fadvise) against a dd-style raw read of the same
 files (16 MiB reads, also cold). On a subset that fits in memory (--subset rows of the classes
 below --subset_classes, float32), the streaming probe's test accuracy against full-batch L-BFGS
@@ -31,7 +31,6 @@ from bench import common
 from igpt_jax import console
 from igpt_jax import probe
 from igpt_jax import sharding
-from igpt_jax.probe import features as features_lib
 
 flags.DEFINE_integer("rows", 1_281_167, "train rows (ImageNet's train split)")
 flags.DEFINE_integer("test_rows", 50_000, "test rows (ImageNet's validation split)")
@@ -96,13 +95,12 @@ def raw_read_gbps(files) -> float:
 
 
 def reader_gbps(out_dir, chunk_rows: int) -> float:
-  """The probe's reader (`features.read_shard`, chunk_rows at a time) over train, cold."""
+  """The probe's reader (`probe.read_shard`, chunk_rows at a time) over train, cold."""
   evict(_files(out_dir, "train"))
   total, start = 0, time.perf_counter()
   for shard in probe.shards(out_dir, "train"):
     for lo in range(0, shard["rows"], chunk_rows):
-      total += features_lib.read_shard(out_dir, "train", ["layer00"], shard, lo,
-                                       lo + chunk_rows).nbytes
+      total += probe.read_shard(out_dir, "train", ["layer00"], shard, lo, lo + chunk_rows).nbytes
   return total / (time.perf_counter() - start) / 1e9
 
 
@@ -124,8 +122,8 @@ def subset_accuracies(out_dir, mesh) -> dict:
   for split, rows in (("train", FLAGS.subset), ("test", FLAGS.subset // 4)):
     x, y, got = [], [], 0
     for shard in probe.shards(out_dir, split):
-      xs = np.asarray(features_lib.read_shard(out_dir, split, ["layer00"], shard), np.float32)
-      ys = features_lib.read_shard(out_dir, split, ["labels"], shard)
+      xs = np.asarray(probe.read_shard(out_dir, split, ["layer00"], shard), np.float32)
+      ys = probe.read_shard(out_dir, split, ["labels"], shard)
       keep = ys < FLAGS.subset_classes
       x.append(xs[keep])
       y.append(ys[keep])

@@ -16,8 +16,8 @@ quadrant; layer n_layer is the ln_f output. docs/evaluation.md says which solver
 
 from igpt_jax.probe.evaluator import make_evaluator
 from igpt_jax.probe.features import (PIXEL_KINDS, extract_features, feature_path, featurizer,
-                                     features_fn, load_feature, pixel_features, shards,
-                                     write_features)
+                                     features_fn, load_feature, pixel_features, read_shard,
+                                     shards, write_features)
 from igpt_jax.probe.logistic import (DEFAULT_L2S, accuracy, cross_entropy, fit_logistic,
                                      fits_per_probe, linear_probe, standardise,
                                      validation_split)

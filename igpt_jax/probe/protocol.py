@@ -68,8 +68,9 @@ def low_data_probe(train_x, train_y, test_x, test_y, *, sizes: Sequence[int] = L
     accs = []
     for seed in range(seeds):
       idx = label_subset(train_y, size, seed, balanced)
-      accs.append(logistic.linear_probe(train_x[idx], train_y[idx], test_x, test_y, n_classes=n_classes,
-                               seed=seed, **probe_opts)["accuracy"])
+      accs.append(logistic.linear_probe(train_x[idx], train_y[idx], test_x, test_y,
+                                        n_classes=n_classes, seed=seed,
+                                        **probe_opts)["accuracy"])
     out[int(size)] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
                       "accuracies": accs}
   return out
