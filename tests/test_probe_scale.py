@@ -262,6 +262,12 @@ def test_two_process_extraction_and_probe_equal_one_process(tmp_path):
       assert one.tobytes() == two.tobytes(), (split, name)  # bit for bit
   assert results[1]["pretrained"] == results[2]["pretrained"]
   assert (results[1]["n_train"], results[1]["n_test"]) == (32, 16)
+  # The streaming probe on the same shards, data parallel over the two processes' devices.
+  _launch_probe(config_file, tmp_path / "p2", 2, "--config.solver=sgd",
+                "--config.sgd.batch_size=8", "--config.sgd.epochs=2")
+  sgd = json.loads((tmp_path / "p2" / "probe" / "results.json").read_text())["pretrained"]
+  assert {r["solver"] for r in sgd["layers"].values()} == {"sgd"}
+  assert {r["n_fit"] + r["n_val"] for r in sgd["layers"].values()} == {32}
 
 
 @pytest.mark.slow
