@@ -26,6 +26,7 @@ that every host sees. Process 0 writes the results.
 
 import json
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 import jax
