@@ -62,6 +62,8 @@ def test_interrupted_extraction_resumes_without_recomputing_finished_shards(tmp_
   calls.clear()
   _write(tmp_path / "cut", "train", x, y, 4, featurize, shard_batches=2)
   assert not calls  # a finished extraction reruns as a no-op
+  _write(tmp_path / "cut", "train", x, y, 4, featurize, shard_batches=2, dtype="bfloat16")
+  assert calls == list(range(6))  # shards of another dtype are not taken as done
 
 
 def test_bfloat16_shards_hold_the_rounded_features(tmp_path):

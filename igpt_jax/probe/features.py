@@ -290,7 +290,7 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   per_batch = len(first["tokens"])
   n_shards = _shard_counts(rows, per_batch, shard_batches)
   process = jax.process_index()
-  done_here = np.array([_marker(out_dir, split, process, s).exists()
+  done_here = np.array([_complete(_marker(out_dir, split, process, s), dtype)
                         for s in range(n_shards)], bool)
   done = (np.all(multihost_utils.process_allgather(done_here), axis=0)
           if jax.process_count() > 1 else done_here)
@@ -335,6 +335,12 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   if jax.process_count() > 1:  # every process's markers are written before any reader lists
     multihost_utils.sync_global_devices(f"features of {split} written")
   return shards(out_dir, split)
+
+
+def _complete(marker, dtype: str) -> bool:
+  """Whether a shard's marker is there, from an extraction to the same dtype. The names it
+  lists are not compared: an extraction of other layers or readings needs its own out_dir."""
+  return marker.exists() and paths.read_json(marker)["dtype"] == dtype
 
 
 def _chain(first, rest):
