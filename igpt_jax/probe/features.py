@@ -294,14 +294,17 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
                         for s in range(n_shards)], bool)
   done = (np.all(multihost_utils.process_allgather(done_here), axis=0)
           if jax.process_count() > 1 else done_here)
-  def indexed():
+
+  def indexed():  # (index, batch) of the batches whose shard is still to write
     for index, batch in enumerate(_chain(first, batches)):
       if not done[index // shard_batches]:
         yield index, batch
       elif on_rows is not None:
-        on_rows(int(np.sum(batch.get("valid", True))))
-  n, buffer, current = int(sum(s["rows"] for s in shards(out_dir, split)
-                               if s["process"] == process and done[s["shard"]])), {}, None
+        on_rows(int(_valid(batch).sum()))
+
+  n = sum(s["rows"] for s in shards(out_dir, split)
+          if s["process"] == process and done[s["shard"]])
+  buffer, current = {}, None
 
   def flush(shard: int):
     names = []
@@ -319,7 +322,7 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
     if current is not None and shard != current:
       flush(current)
     current = shard
-    valid = np.asarray(batch.get("valid", np.ones(len(batch["tokens"]), bool)), bool)
+    valid = _valid(batch)
     for name, value in {**feats, "labels": np.asarray(batch["labels"], np.int32)}.items():
       value = np.asarray(value)[valid]
       buffer.setdefault(name, []).append(
@@ -335,6 +338,10 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   if jax.process_count() > 1:  # every process's markers are written before any reader lists
     multihost_utils.sync_global_devices(f"features of {split} written")
   return shards(out_dir, split)
+
+
+def _valid(batch) -> np.ndarray:
+  return np.asarray(batch.get("valid", np.ones(len(batch["tokens"]), bool)), bool)
 
 
 def _complete(marker, dtype: str) -> bool:
