@@ -69,7 +69,7 @@ BANNED = ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "Unable to initi
           "Given directory is read only", "fontManager",
           "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu")  # libtpu's own start-up
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
-OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).glob("*.py")}
+OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).rglob("*.py")}
 
 
 @pytest.fixture(scope="module")
