@@ -39,6 +39,9 @@ from igpt_jax import sharding as sharding_lib
 from igpt_jax.probe import features as features_lib
 
 MOMENTUM = 0.9
+# Steps dispatched ahead of the device at most: each holds its minibatch, so an unbounded queue
+# (a host that reads faster than the device trains) would hold the split after all.
+IN_FLIGHT = 4
 
 
 def _own_shards(feat_dir, split: str) -> list[dict]:
@@ -204,6 +207,8 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
         batch = sharding_lib.shard_batch({"x": x, "y": np.asarray(y, np.int32)}, mesh)
         params, momentum = step(params, momentum, batch["x"], batch["y"], np.float32(t),
                                 *constants)
+        if t % IN_FLIGHT == 0:
+          jax.block_until_ready(params)
       jax.block_until_ready(params)
       if on_epoch is not None:
         on_epoch(epoch, time.perf_counter() - start)
