@@ -12,7 +12,6 @@ The last line of stdout is one JSON object.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -22,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from bench import common
 from igpt_jax import console
+from igpt_jax import paths
 from igpt_jax import probe
 
 flags.DEFINE_string("workdir", None, "a run probed by launch.probe (reads W/probe/features)")
@@ -36,14 +36,11 @@ FLAGS = flags.FLAGS
 def run_features(workdir: str, layer: int | None):
   """-> (train_x, train_y, test_x, test_y, layer, l2 the run chose) from a probed run."""
   root = os.path.join(workdir, "probe")
-  with open(os.path.join(root, "results.json")) as f:
-    results = json.load(f)
+  results = paths.read_json(os.path.join(root, "results.json"))
   layer = results["pretrained"]["best_layer"] if layer is None else layer
   feats = os.path.join(root, "features")
-  arrays = [np.load(probe.feature_path(feats, "train", layer)),
-            np.load(os.path.join(feats, "train_labels.npy")),
-            np.load(probe.feature_path(feats, "test", layer)),
-            np.load(os.path.join(feats, "test_labels.npy"))]
+  arrays = [probe.load_feature(feats, split, name) for split in ("train", "test")
+            for name in (f"layer{layer:02d}", "labels")]
   return (*arrays, layer, results["pretrained"]["layers"][str(layer)]["l2"])
 
 
@@ -68,9 +65,7 @@ def main(_):
     source, l2 = "synthetic", 1e-3
   l2 = FLAGS.l2 if FLAGS.l2 is not None else l2
   n_classes = int(max(train_y.max(), test_y.max())) + 1
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-  accuracy = lambda w, b: float(np.mean(np.argmax(test_x @ w + b, -1) == test_y))
+  train_x, test_x = probe.standardise(train_x, test_x)
 
   start = time.perf_counter()
   probe.fit_logistic(train_x, train_y, l2, n_classes)
@@ -84,8 +79,9 @@ def main(_):
   peer_model.fit(train_x, train_y)
   peer = time.perf_counter() - start
 
-  ours_acc = accuracy(params["w"], params["b"])
-  peer_acc = accuracy(peer_model.coef_.T, peer_model.intercept_)
+  ours_acc = probe.accuracy(params, test_x, test_y)
+  peer_acc = probe.accuracy({"w": peer_model.coef_.T, "b": peer_model.intercept_}, test_x,
+                            test_y)
   print(f"{source}: {train_x.shape} train, {test_x.shape} test, l2 {l2:g}", flush=True)
   print(f"ours: {ours:.2f} s ({iterations} L-BFGS steps), accuracy {ours_acc:.2%}; sklearn: "
         f"{peer:.2f} s ({int(peer_model.n_iter_[0])} steps), accuracy {peer_acc:.2%}", flush=True)

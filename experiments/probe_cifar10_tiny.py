@@ -8,30 +8,23 @@ Held-out convention: the test images are the 10,000 of train[40000:], never seen
 probe fits on 5,000 of the 40,000 training images (experiments/probe_cifar10.py uses all).
 """
 
-import ml_collections
-
 from experiments import base
+from experiments import probe_base
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = probe_base.get_config()
   c.data = dict(name=base.cifar10(), train_split="train[:5000]", eval_split="train[40000:]")
-  # Unset: the checkpoint's. `attention` / `dtype` override how it runs here (checkpoint.load);
-  # architecture fields set must match the checkpoint.
-  c.model = base.model_fields()
-  c.mesh = (-1, 1, 1)  # (data, fsdp, tensor) over this host's devices
-  c.layers = ()  # empty: all, 0..n_layer
   # The ln_1 output averaged over each quadrant of the 8x8 image ([4 D] per layer), not over the
   # whole image: on the same demo checkpoint the best layer probed 43.35% against 39.91% with
   # the paper's whole-image mean, raw pixels 36.99% (README, "Evaluation").
   c.reading = "ln1_2x2"
   c.batch_size = 256
+  c.solver = "lbfgs"
   # Half-decade steps, picked by validation cross-entropy (probe.linear_probe): on the demo's
   # features every probe's least-CE L2 in 1e-3 .. 1 lay in this range; 1e-5 and 1e-4 run to
   # the iteration cap.
   c.l2s = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-  c.val_fraction = 0.1
   c.concat_k = 3
   c.low_data = dict(sizes=(40, 250, 4000), seeds=3, balanced=True)
-  c.random_init_seed = 0
   return c

@@ -176,7 +176,7 @@ def lower(program: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Me
       args = (params, _batch(config, cfg, mesh, valid=jnp.bool_), _key(mesh))
       return cfg, args, steps_lib.make_eval_step(cfg).lower(*args)
     if program == "extract":
-      args = (params, _batch(config, cfg, mesh)["tokens"])
+      args = (params, _batch(config, cfg, mesh)["tokens"], _key(mesh))
       fn = probe_lib.features_fn(cfg, tuple(range(cfg.n_layer + 1)), "ln1")
       return cfg, args, fn.lower(*args)
     prompt = jax.ShapeDtypeStruct((config.batch_size, 0), jnp.int32,

@@ -3,9 +3,11 @@ r"""Linear probes of a pretrained run at every layer, as in the paper.
   python -m launch.probe --config experiments/probe_cifar10_tiny.py --workdir W [--baselines]
 
 Reads the latest checkpoint of W, streams the train and test splits of `config.data` (tfds names
-or local .npz files) through an extraction pass over this host's devices (`config.mesh`; the
-parameters restored in their training layout over it) into W/probe/features/*.npy, then probes
-every layer, the concatenation of `concat_k` layers around the best one, and low-data subsets.
+or local sources) through an extraction pass over the job's devices (`config.mesh`; the
+parameters restored in their training layout over it) into feature shards under
+W/probe/features/ (a rerun skips the shards already complete), then probes every layer (L-BFGS
+in memory or SGD streamed from the shards, `config.solver`), the concatenation of `concat_k`
+layers around the best one, and low-data subsets.
 Writes W/probe/results.json and W/probe/accuracy_by_layer.png. --baselines adds, through the same
 probe code, raw palette pixels (colour histogram, dequantized RGB) and a randomly initialised
 model of the same shape.
@@ -16,12 +18,18 @@ probes every checkpoint on disk (or the steps listed, `--checkpoints 300,600`) i
 W/probe/step_NNNNNNN/ and draws the paper's Figure 3, held-out probe accuracy by layer against
 the run's held-out loss at those steps, into W/probe/probe_vs_loss.png (rows in
 W/probe/checkpoints.json). Keep the steps with `config.keep_checkpoints` when training.
+
+On a pod, run the same command on every host, as launch/train.py (docs/evaluation.md): each
+host reads its own slice of the splits and writes its own shards; W must be a bucket (gs://)
+that every host sees. Process 0 writes the results.
 """
 
 import json
 
+import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from igpt_jax import checkpoint
@@ -60,18 +68,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   console.setup()
-  sharding.require_one_process("launch/probe.py")  # extraction spans this host's devices
+  sharding.maybe_initialize_distributed()
+  report = print if jax.process_index() == 0 else lambda _: None
   if _CHECKPOINTS.value is None:
     results = probe.run(_CONFIG.value, _WORKDIR.value, baselines=_BASELINES.value,
                         step=_STEP.value)
-    print(json.dumps(results["summary"]))
+    report(json.dumps(results["summary"]))
     return
   if _STEP.value is not None or _BASELINES.value:
     raise app.UsageError("--checkpoints probes the run's own features at each step: run --step "
                          "or --baselines (which do not change over training) on their own")
   steps = checkpoint_steps(_WORKDIR.value, _CHECKPOINTS.value)
   rows = probe.run_checkpoints(_CONFIG.value, _WORKDIR.value, steps)
-  print(json.dumps(rows))
+  report(json.dumps(rows))
 
 
 if __name__ == "__main__":

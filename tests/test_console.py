@@ -69,7 +69,7 @@ BANNED = ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "Unable to initi
           "Given directory is read only", "fontManager",
           "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu")  # libtpu's own start-up
 ABSL_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
-OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).glob("*.py")}
+OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).rglob("*.py")}
 
 
 @pytest.fixture(scope="module")
@@ -159,5 +159,8 @@ def test_the_same_probe_twice_gives_the_same_results(consoles):
                   for run in ("pre", "pre_again"))
   assert first.pop("workdir") != again.pop("workdir")
   assert first == again
-  for f in sorted((d / "pre" / "probe" / "features").iterdir()):
-    assert f.read_bytes() == (d / "pre_again" / "probe" / "features" / f.name).read_bytes(), f
+  root = d / "pre" / "probe" / "features"
+  files = sorted(f.relative_to(root) for f in root.rglob("*") if f.is_file())
+  assert files  # shards of every feature and their completion markers
+  for f in files:
+    assert (root / f).read_bytes() == (d / "pre_again" / "probe" / "features" / f).read_bytes(), f

@@ -9,7 +9,7 @@ from ml_collections import config_flags
 import pytest
 
 from experiments import base
-from experiments import probe_cifar10_tiny
+from experiments import probe_base
 from igpt_jax import model as model_lib
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).parents[1] / "experiments"
@@ -22,7 +22,7 @@ EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py")
 def test_experiment_config(name):
   config = importlib.import_module(f"experiments.{name}").get_config()
   # A misspelt field (eval_everyy) would otherwise be an extra key the loop never reads.
-  reference = (probe_cifar10_tiny if name.startswith("probe_") else base).get_config()
+  reference = (probe_base if name.startswith("probe_") else base).get_config()
   assert set(config.keys()) == set(reference.keys())
   kinds = {e.type: e for e in reference.get("evals", {}).values()}
   for key, entry in config.get("evals", {}).items():  # evaluators: their kind's fields

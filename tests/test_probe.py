@@ -66,13 +66,16 @@ def test_write_features_streams_valid_rows(params, tmp_path):
               "labels": np.concatenate([labels, labels[:4]])[i:i + 8],
               "valid": valid[i:i + 8]} for i in (0, 8)]
   featurize = probe.featurizer(CFG, params, [0, 2])
-  paths = probe.write_features(batches, featurize, str(tmp_path), "test", rows=12)
-  assert set(paths) == {0, 2, "labels"}
-  assert paths[2] == str(tmp_path / "test_layer02.npy")
-  np.testing.assert_array_equal(np.load(paths["labels"]), labels)
+  shards = probe.write_features(batches, featurize, str(tmp_path), "test", rows=12,
+                                shard_batches=1)
+  assert [(s["shard"], s["rows"]) for s in shards] == [(0, 8), (1, 4)]
+  assert set(shards[0]["names"]) == {"layer00", "layer02", "labels"}
+  assert os.path.exists(probe.feature_path(str(tmp_path), "test", 2, 0, 1))
+  np.testing.assert_array_equal(probe.load_feature(str(tmp_path), "test", "labels"), labels)
   want = probe.extract_features(CFG, params, tokens, [0, 2], batch_size=8)
   for layer in (0, 2):
-    np.testing.assert_allclose(np.load(paths[layer]), want[layer], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probe.load_feature(str(tmp_path), "test", f"layer{layer:02d}"),
+                               want[layer], rtol=1e-5, atol=1e-6)
 
 
 def _blobs(n, seed, n_classes=3, dim=6):
@@ -119,10 +122,17 @@ def test_linear_probe_sweep_picks_from_validation():
 
 def test_tables_and_low_data(tmp_path):
   data = {l: (*_blobs(200, 10 + l), *_blobs(100, 20 + l)) for l in range(3)}
-  table = probe.probe_layers(data.__getitem__, range(3), l2s=[1e-2])
+
+  def fit(layers):  # the features of `layers` side by side, as run() probes them
+    parts = [data[l] for l in layers]
+    return probe.linear_probe(np.concatenate([p[0] for p in parts], 1), parts[0][1],
+                              np.concatenate([p[2] for p in parts], 1), parts[0][3], l2s=[1e-2])
+  table = probe.probe_layers(fit, range(3))
   assert table["best_accuracy"] == max(r["accuracy"] for r in table["layers"].values())
-  concat = probe.concat_layers(data.__getitem__, center=2, k=2, n_layers=2, l2s=[1e-2])
+  concat = probe.concat_layers(fit, center=2, k=2, layers=range(3))
   assert concat["layers"] == [1, 2]
+  assert probe.concat_window(30, 5, range(15, 46)) == [28, 29, 30, 31, 32]
+  assert probe.concat_window(45, 5, range(15, 46)) == [41, 42, 43, 44, 45]
   low = probe.low_data_probe(*data[0], sizes=(6, 30), seeds=2, l2s=[1e-2])
   assert set(low) == {6, 30} and len(low[6]["accuracies"]) == 2
   assert low[6]["std"] == np.std(low[6]["accuracies"])
@@ -183,9 +193,11 @@ def test_run_writes_results_plot_and_baselines(run_dir):
   assert len(saved["pretrained"]["layers"]) == CFG.n_layer + 1
   assert (saved["n_train"], saved["n_test"]) == (32, 16)
   assert (out / "accuracy_by_layer.png").stat().st_size > 1000
-  feats = np.load(out / "features" / "test_layer01.npy")
+  feats = probe.load_feature(out / "features", "test", "layer01")
   assert feats.shape == (16, 4 * CFG.n_embd)  # the demo config reads quadrant means
-  assert np.load(out / "features" / "train_pixels_histogram.npy").shape == (32, CFG.vocab_size)
+  assert probe.load_feature(out / "features", "train", "pixels_histogram").shape == (
+      32, CFG.vocab_size)
+  assert {r["solver"] for r in saved["pretrained"]["layers"].values()} == {"lbfgs"}
 
 
 def test_run_start_up_errors(run_dir):
@@ -302,6 +314,6 @@ def test_probe_vs_loss_plot_from_the_metrics(tmp_path):
   rows.append({**rows[0], "step": 40, "eval_loss": 2.5})
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
-  assert [r["step"] for r in probe._probe_rows(str(tmp_path))] == [10, 20, 40]
+  assert [r["step"] for r in probe.probe_rows(str(tmp_path))] == [10, 20, 40]
   path = probe.write_probe_vs_loss(str(tmp_path))
   assert path == str(tmp_path / "probe_vs_loss.png") and os.path.getsize(path) > 1000

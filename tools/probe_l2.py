@@ -1,26 +1,24 @@
 """How much held-out accuracy a probe's L2 selection rule gives up, on a probed run's features.
 
-  python -m bench.probe_l2 --workdir W        # every feature set in W/probe/features
+  python -m tools.probe_l2 --workdir W        # every feature set in W/probe/features
 
 For each feature set (layers, baselines) the probe's own validation split (a tenth of train,
 seed 0) scores every L2 of a half-decade grid by accuracy and by cross-entropy, and a refit on
 all of train at every L2 gives its test accuracy. A rule picks on the validation scores, from
 the whole grid (`half`) or its whole decades (`decade`); its `gap` is the test accuracy of the
 grid's best L2 in hindsight minus that of its pick, in points (mean and max over feature sets).
-`probe.linear_probe` uses `ce_half` when given the half-decade grid. The last line of stdout is
-one JSON object.
+`probe.linear_probe` uses `ce_half` when given the half-decade grid: an analysis of the L-BFGS
+probe's selection rule on one run, not a benchmark. The last line of stdout is one JSON object.
 """
-# pylint: disable=protected-access  (the probe's own standardisation and scores)
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 
 from absl import app, flags
 import numpy as np
 
-from bench import common
 from igpt_jax import console
 from igpt_jax import probe
 
@@ -33,24 +31,22 @@ FLAGS = flags.FLAGS
 
 
 def feature_sets(feat_dir: str) -> list[str]:
-  names = (os.path.basename(p)[len("train_"):-len(".npy")]
-           for p in glob.glob(os.path.join(feat_dir, "train_*.npy")))
-  return sorted(n for n in names if n != "labels")
+  return sorted(n for n in probe.shards(feat_dir, "train")[0]["names"] if n != "labels")
 
 
 def sweep(train_x, train_y, test_x, test_y, grid, val_fraction: float) -> dict:
   """{l2: {"val_accuracy", "val_loss", "test_accuracy"}} along the regularisation path."""
   val, fit = probe.validation_split(len(train_x), val_fraction, seed=0)
-  fx, vx = probe._standardise(train_x[fit], train_x[val])
-  tx, sx = probe._standardise(train_x, test_x)
+  fx, vx = probe.standardise(train_x[fit], train_x[val])
+  tx, sx = probe.standardise(train_x, test_x)
   n_classes = int(max(train_y.max(), test_y.max())) + 1
   rows, on_fit, on_all = {}, None, None
   for l2 in sorted(grid, reverse=True):
     on_fit, _ = probe.fit_logistic(fx, train_y[fit], l2, n_classes, init=on_fit)
     on_all, _ = probe.fit_logistic(tx, train_y, l2, n_classes, init=on_all)
-    rows[l2] = {"val_accuracy": probe._accuracy(on_fit, vx, train_y[val]),
-                "val_loss": probe._cross_entropy(on_fit, vx, train_y[val]),
-                "test_accuracy": probe._accuracy(on_all, sx, test_y)}
+    rows[l2] = {"val_accuracy": probe.accuracy(on_fit, vx, train_y[val]),
+                "val_loss": probe.cross_entropy(on_fit, vx, train_y[val]),
+                "test_accuracy": probe.accuracy(on_all, sx, test_y)}
   return rows
 
 
@@ -69,26 +65,25 @@ def picks(rows: dict) -> dict:
 def main(_):
   console.setup()
   feat_dir = os.path.join(FLAGS.workdir, "probe", "features")
-  labels = {s: np.load(os.path.join(feat_dir, f"{s}_labels.npy")) for s in ("train", "test")}
+  labels = {s: probe.load_feature(feat_dir, s, "labels") for s in ("train", "test")}
   grid = [float(l) for l in 10.0 ** np.arange(FLAGS.lo, FLAGS.hi + 0.01, 0.5)]
   gaps, per_set = {}, {}
   for name in feature_sets(feat_dir):
-    rows = sweep(np.load(os.path.join(feat_dir, f"train_{name}.npy")).astype(np.float32),
-                 labels["train"],
-                 np.load(os.path.join(feat_dir, f"test_{name}.npy")).astype(np.float32),
-                 labels["test"], grid, FLAGS.val_fraction)
+    rows = sweep(probe.load_feature(feat_dir, "train", name), labels["train"],
+                 probe.load_feature(feat_dir, "test", name), labels["test"], grid,
+                 FLAGS.val_fraction)
     best = max(r["test_accuracy"] for r in rows.values())
     chosen = picks(rows)
     for rule, acc in chosen.items():
       gaps.setdefault(rule, []).append(100 * (best - acc))
     per_set[name] = {"best_in_hindsight": best, **chosen}
     print(name, " ".join(f"{k} {100 * v:.2f}" for k, v in per_set[name].items()), flush=True)
-  common.emit(dict(
-      bench="probe_l2", workdir=FLAGS.workdir, grid=[float(f"{l:.3g}") for l in grid],
+  print(json.dumps(dict(
+      tool="probe_l2", workdir=FLAGS.workdir, grid=[float(f"{l:.3g}") for l in grid],
       val_fraction=FLAGS.val_fraction, n_train=len(labels["train"]), n_test=len(labels["test"]),
       feature_sets=per_set,
       mean_gap={k: round(float(np.mean(v)), 3) for k, v in gaps.items()},
-      max_gap={k: round(float(np.max(v)), 2) for k, v in gaps.items()}))
+      max_gap={k: round(float(np.max(v)), 2) for k, v in gaps.items()}), sort_keys=True))
 
 
 if __name__ == "__main__":
