@@ -221,7 +221,7 @@ def _tiny_images(root):
 
 def _launch_probe(config_file, workdir, processes: int, *flags):
   """launch/probe.py as `processes` processes of one job (2 CPU devices in all)."""
-  from test_multiprocess import free_port  # pylint: disable=import-outside-toplevel
+  from conftest import free_port  # pylint: disable=import-outside-toplevel
   port, procs = free_port(), []
   for i in range(processes):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
