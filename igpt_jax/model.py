@@ -49,8 +49,10 @@ BERT_MASK_PROB = 0.15
 class IGPTConfig:
   """Hyper-parameters of one iGPT model. Field names follow GPT-2 (`n_layer`, `n_embd`, ...).
 
-  dtype: compute dtype of matmuls and attention ("float32" or "bfloat16"); norm statistics,
-    softmax and the residual stream stay float32 so bf16 keeps the fp32 loss.
+  dtype: compute dtype of matmuls and attention ("float32", "bfloat16" or "float16"); norm
+    statistics, softmax and the residual stream stay float32 so bf16 keeps the fp32 loss.
+    float16 is for GPUs without bf16 tensor cores (V100, T4); training in it takes a dynamic
+    loss scale, which `steps.make_optimizer(dtype="float16")` adds.
   param_dtype: storage dtype of the parameters (the optimizer's master copy).
   remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep only the
     matmul outputs without batch dims).
@@ -58,8 +60,9 @@ class IGPTConfig:
     `nn.scan` (one compiled block: compile time independent of depth).
   attention: "blocked" (causal query blocks that skip the upper triangle, `igpt_jax.attention`;
     fastest on CPU), "xla" (`jax.nn.dot_product_attention`), "cudnn" (flash attention on NVIDIA
-    GPUs, needs bf16/fp16), "splash" (Pallas splash attention, TPU only) or "auto" (splash on
-    TPU, cudnn on GPU in 16 bit, xla on GPU in fp32, else blocked; see attention.resolve).
+    GPUs from Ampere on, needs bf16/fp16), "splash" (Pallas splash attention, TPU only) or
+    "auto" (splash on TPU, cudnn on a GPU that runs it, xla on other GPUs and in fp32, else
+    blocked; see attention.resolve).
   n_classes: > 0 adds the fine-tuning classifier head (mean of the ln_f output, zero init).
   """
 

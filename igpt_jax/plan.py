@@ -259,10 +259,11 @@ def estimated_step_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGP
 
 
 ROOFLINE = ("roofline, not a measurement: the larger of the matmul FLOPs (the model's, plus the "
-            "recomputed forward under remat='full') at the GPU's peak dense bf16 rate and the "
-            "compiled program's HBM traffic (XLA's cost analysis of the optimised GPU module: "
-            "the bytes each fusion and library call reads and writes) at the GPU's memory "
-            "bandwidth, plus the step's collectives at link bandwidth (NVLink within a host, "
+            "recomputed forward under remat='full') at the GPU's peak dense 16-bit rate (bf16; "
+            "fp16 on a V100) and the compiled program's HBM traffic (XLA's cost analysis of the "
+            "optimised GPU module: the bytes each fusion and library call reads and writes) at "
+            "the GPU's memory bandwidth, plus the step's collectives at link bandwidth (NVLink "
+            "within a host, "
             "{network:.0f} GB/s per GPU between hosts), not overlapped; kernel efficiency, "
             "caches and launch overheads are left out").format(network=NETWORK_BYTES_PER_S / 1e9)
 
