@@ -162,9 +162,7 @@ def _quiet_abandoned_writes() -> None:
   logging.getLogger("asyncio").addFilter(_AbandonedWrites())
 
 
-_SET_UP = []
-
-
+@functools.cache  # once per process
 def setup() -> None:
   """A launch script's process set-up, for a console without third-party noise; once.
 
@@ -185,9 +183,6 @@ def setup() -> None:
   modules never do any of this on import: a notebook or another program that imports igpt_jax
   keeps its process as it was.
   """
-  if _SET_UP:
-    return
-  _SET_UP.append(True)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   with without_driver_notices():

@@ -3,7 +3,6 @@ and mesh of the caller's own axis names, and importing the package (or loading a
 with it) leaves the process as it was."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from igpt_jax import checkpoint
@@ -110,6 +110,7 @@ def _states(*statements):
   return json.loads(out.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters, each importing jax, flax and orbax
 def test_importing_the_library_or_loading_a_checkpoint_changes_nothing(tmp_path):
   palette = np.random.default_rng(0).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
   checkpoint.save_params(str(tmp_path / "run"), CFG, _params_and_tokens()[0], palette)
