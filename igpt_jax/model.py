@@ -500,8 +500,9 @@ class IGPT(nn.Module):
 
     The positions must lie in the cache, [0, L): S > L is a ValueError, and so is an index
     given as a Python or numpy int that puts them outside. A traced index (a decode loop under
-    jit) cannot be checked without a host round trip: there the logits of a call outside the
-    cache are NaN, not the output of a clamped write over other positions' keys and values.
+    jit) cannot be checked without a host round trip: there a call outside the cache returns
+    NaN logits instead of plausible ones (its write, clamped into the cache by
+    dynamic_update_slice, has overwritten other positions: the cache is spent).
     """
     cfg = self.cfg
     if cfg.objective != "ar":
