@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
@@ -43,7 +44,7 @@ def compile_attention(mesh, shape, implementation: str, causal: bool) -> dict:
     out = attention.attention(q, k, v, causal=causal, implementation=implementation)
     return jnp.sum(out.astype(jnp.float32))
 
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):  # splash splits as they say
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

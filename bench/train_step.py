@@ -49,7 +49,7 @@ LR = 3e-4
 def time_ours(cfg, batch, steps):
   """Times `igpt_jax.steps`' real step. -> (s/step, compile + first step s, first, last loss)."""
   mesh = sharding.make_mesh()
-  tx = steps_lib.make_optimizer(LR, total_steps=steps + 1, schedule="constant")
+  tx = steps_lib.make_optimizer(LR, total_steps=steps + 1, schedule="constant", dtype=cfg.dtype)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     state = steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(0))
     step = steps_lib.make_train_step(steps_lib.loss_fn(cfg), tx,

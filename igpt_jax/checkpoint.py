@@ -45,16 +45,15 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Callable
 
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import faults
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
@@ -86,38 +85,6 @@ class UnreadableCheckpoint(Exception):
     self.step = step
 
 
-class _AbandonedWrites(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for orbax's own write tasks."""
-
-  def filter(self, record):
-    message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and
-                f"{os.sep}orbax{os.sep}" in message)
-
-
-def _quiet_abandoned_writes() -> None:
-  """Drops (once installed) what orbax leaves behind when one write of a save or restore fails.
-
-  orbax then gives up on the call and closes its event loop while TensorStore still holds the
-  other writes or reads: each of their completions tries to wake the closed loop (Python prints
-  `RuntimeError: Event loop is closed`, six lines of traceback, for every one: dozens for a full
-  disk), and asyncio logs each abandoned task's error when it is collected ("Task exception was
-  never retrieved"). The failure itself is reported once: `SaveFailed`, or the warning of an
-  unreadable checkpoint.
-  """
-  if getattr(sys.unraisablehook, "quiets_closed_loops", False):
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
-      previous(unraisable)
-  hook.quiets_closed_loops = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_AbandonedWrites())
-
-
 def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_only: bool = False,
             best_metric: str | None = None) -> ocp.CheckpointManager:
   """Async manager that keeps the last `keep` checkpoints (None: all).
@@ -125,7 +92,6 @@ def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_onl
   best_metric: also keep, whatever its age, the checkpoint with the highest value of that
   metric (orbax's BestN preservation; saves pass `metrics={best_metric: value}`).
   """
-  _quiet_abandoned_writes()
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   else:
@@ -377,7 +343,8 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, folder: str) -> str:
 
 
 def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None:
-  """ValueError naming every architecture field where the checkpoint and cfg disagree."""
+  """ValueError naming every architecture field where the checkpoint and cfg disagree, or a
+  switch into or out of float16 (whose optimizer state differs: steps.dynamic_loss_scale)."""
   want = cfg.to_dict()
   diff = {k: (saved.get(k), want[k]) for k in want
           if k not in RUNTIME_FIELDS and saved.get(k) != want[k]}
@@ -385,6 +352,12 @@ def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None
     lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
     raise ValueError(f"checkpoint {where} was trained with a different model ({lines}); "
                      "use another --workdir or the checkpoint's model config")
+  if (saved.get("dtype") == "float16") != (cfg.dtype == "float16"):
+    raise ValueError(f"checkpoint {where} was trained with dtype={saved.get('dtype')!r}, this "
+                     f"run computes in {cfg.dtype!r}: a float16 run's optimizer state holds its "
+                     "loss scale, the others' do not; resume with "
+                     f"--config.model.dtype={saved.get('dtype')} (float32 and bfloat16 runs "
+                     "may resume in either)")
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
@@ -479,20 +452,20 @@ def read_meta(workdir: str, step: int | str | None = None) -> dict:
 
 def for_this_host(cfg: model_lib.IGPTConfig, *, attention: str | None = None,
                   dtype: str | None = None, remat: str | None = None,
-                  platform: str | None = None) -> model_lib.IGPTConfig:
+                  device=None) -> model_lib.IGPTConfig:
   """A saved model's config with its runtime fields set for this host's devices.
 
-  Given fields replace the saved ones. A saved attention kernel that cannot run on `platform`
-  (default: jax's backend here) -- splash off a TPU, cudnn off a GPU or outside 16 bit -- becomes
-  "auto", which the model resolves for the devices it runs on. The saved dtype is kept unless
-  given: bfloat16 and float16 compute run on every platform, only more slowly on a CPU.
+  Given fields replace the saved ones. A saved attention kernel that cannot run on `device`
+  (default: jax's first device here) -- splash off a TPU, cudnn where `attention.cudnn_runs`
+  says no (off a GPU, before Ampere, outside 16 bit) -- becomes "auto", which the model
+  resolves for the devices it runs on. The saved dtype is kept unless given: bfloat16 and
+  float16 compute run on every platform, only more slowly on a CPU.
   """
   given = {k: v for k, v in dict(attention=attention, dtype=dtype, remat=remat).items() if v}
   cfg = cfg.replace(**given)
-  platform = platform or jax.default_backend()
-  kernel_platform = PLATFORM_KERNELS.get(cfg.attention)
-  runs_here = kernel_platform in (None, platform) and not (
-      cfg.attention == "cudnn" and jnp.dtype(cfg.dtype).itemsize != 2)
+  device = device or jax.devices()[0]
+  runs_here = PLATFORM_KERNELS.get(cfg.attention) in (None, device.platform) and (
+      cfg.attention != "cudnn" or attention_lib.cudnn_runs(device, cfg.dtype, cfg.head_dim))
   if not runs_here and attention is None:
     cfg = cfg.replace(attention="auto")
   return cfg

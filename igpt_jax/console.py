@@ -1,6 +1,6 @@
 """What a launch script prints: our own lines, real warnings, and progress of the long steps.
 
-  setup()                          first line of every launch script's main()
+  setup()                          first statement of every launch script, before its imports
   progress(iterable, desc, total)  a tqdm bar over a loop (feature batches, probe fits)
   status(desc)                     elapsed time of one blocking call (a k-means fit, a decode)
   first_call(fn, desc)             fn whose first call, the one jax compiles, shows a status
@@ -20,14 +20,12 @@ import logging
 import os
 import pkgutil
 import sys
+import tempfile
 import threading
 from typing import Callable, Iterable
 
 from absl import logging as absl_logging
-import jax
 import tqdm
-
-import igpt_jax
 
 # Source directories whose INFO lines are ours (a checkout also has launch/ and bench/).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +39,43 @@ _ORBAX_SAVE_FAILURES = ("_SignalingThread.run() raised an exception",
                         "Handler Commit operations or the Commit callback",
                         "[wait_until_finished] Save Finalize thread",
                         "Checkpointer failed: one or more items may not be finalized")
+
+
+# What the CUDA plugin's libraries log when they load on a host without the NVIDIA driver, and
+# the notice absl's C++ logging puts before each line logged ahead of its initialisation.
+_NO_DRIVER = "Could not find cuda drivers on your machine"
+_ABSL_EARLY = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def _driver_notice(lines: list, i: int) -> bool:
+  return _NO_DRIVER in lines[i] or (lines[i].startswith(_ABSL_EARLY) and i + 1 < len(lines)
+                                    and _NO_DRIVER in lines[i + 1])
+
+
+@contextlib.contextmanager
+def without_driver_notices():
+  """Drops the CUDA plugin's no-driver notices from stderr while the block runs.
+
+  Importing jax and registering the plugin load CUDA libraries whose stub reports, from C++
+  past any logging filter, that there is no GPU driver: true and expected on a CPU host. Those
+  lines (and absl's notice before each) are dropped; whatever else reaches stderr meanwhile is
+  passed on when the block ends. It re-points file descriptor 2 while it runs: launch-time
+  set-up only (`setup`), never on import.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+      sys.stderr.write("".join(l for i, l in enumerate(lines) if not _driver_notice(lines, i)))
+      sys.stderr.flush()
 
 
 def _has_tpu_chips() -> bool:
@@ -95,18 +130,63 @@ class _ConsoleFilter(logging.Filter):
     return record.levelno >= logging.WARNING or record.pathname.startswith(_OWN_DIRS)
 
 
-def setup() -> None:
-  """Quiets third-party start-up noise at its source; call before tensorflow is imported.
+class _AbandonedWrites(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's own write tasks."""
 
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and
+                f"{os.sep}orbax{os.sep}" in message)
+
+
+def _quiet_abandoned_writes() -> None:
+  """Drops what orbax leaves behind when one write of a save or restore fails.
+
+  orbax then gives up on the call and closes its event loop while TensorStore still holds the
+  other writes or reads: each of their completions tries to wake the closed loop (Python prints
+  `RuntimeError: Event loop is closed`, six lines of traceback, for every one: dozens for a full
+  disk), and asyncio logs each abandoned task's error when it is collected ("Task exception was
+  never retrieved"). The failure itself is reported once: checkpoint.SaveFailed, or the
+  warning of an unreadable checkpoint.
+  """
+  if getattr(sys.unraisablehook, "quiets_closed_loops", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+  hook.quiets_closed_loops = True
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_AbandonedWrites())
+
+
+@functools.cache  # once per process
+def setup() -> None:
+  """A launch script's process set-up, for a console without third-party noise; once.
+
+  Call it first, before the script imports jax (or anything that does), TensorFlow or orbax:
+
+    from igpt_jax import console
+    console.setup()
+
+  jax is imported (and its plugins registered) inside `without_driver_notices`, so that a host
+  with the CUDA compiler plugin for GPU plans (the gpu-plan extra) but no GPU starts clean.
   TensorFlow (only igpt_jax/data.py imports it, lazily, for tf.data) prints a oneDNN banner on
   import, twice, that TF_CPP_MIN_LOG_LEVEL does not silence: TF_ENABLE_ONEDNN_OPTS=0 turns off
   the oneDNN kernels it announces (for convolutions and matmuls; the input pipeline resizes,
   crops and gathers) and so the banner. TF_CPP_MIN_LOG_LEVEL=1 drops TensorFlow's other C++
   INFO lines (the CPU-feature notice), keeping its warnings and errors. A value already in the
-  environment wins. Python logging records go through `_ConsoleFilter` on absl's handler.
+  environment wins. Python logging records go through `_ConsoleFilter` on absl's handler, and
+  what a failed orbax write leaves behind is dropped (`_quiet_abandoned_writes`). Library
+  modules never do any of this on import: a notebook or another program that imports igpt_jax
+  keeps its process as it was.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  with without_driver_notices():
+    import jax  # pylint: disable=import-outside-toplevel
   if (os.environ.get("JAX_PLATFORMS") is None and not _has_tpu_chips()
       and not _has_accelerator_plugin()):
     # Only the CPU is there to use. Naming it keeps libtpu (installed for ahead-of-time plans)
@@ -118,9 +198,10 @@ def setup() -> None:
     # outside them is not validated) but keeps the CUDA plugin's no-driver notice, which it
     # logs when registered, off the console. jax registers them once, at its first backend.
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    with igpt_jax.without_driver_notices():
+    with without_driver_notices():
       getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
+  _quiet_abandoned_writes()
 
 
 class _Lines:

@@ -16,8 +16,10 @@ splash_attention: on TPUs the same problem has a fused answer, Pallas' splash at
 attention with a block-sparse mask: causal tiles above the diagonal are skipped), which never
 writes the [T, T] scores to HBM, forward or backward. It is a Mosaic kernel, which XLA cannot
 partition, so it runs under `jax.shard_map`: each device gets its slice of the batch and of the
-heads, the mesh axes sharding.RULES splits them over, which is how the model shards q/k/v
-anyway, so no data moves.
+heads, over the mesh axes the logical axis rules in effect map `batch` and `heads` to (flax's
+`nn.logical_axis_rules`: ours, sharding.RULES, or a caller's own over a mesh of their own
+names), which is how the model shards q/k/v anyway, so no data moves. The Pallas TPU module is
+imported on the first splash call, not with this module: a GPU or CPU process never loads it.
 """
 
 from __future__ import annotations
@@ -26,17 +28,13 @@ import functools
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec as P
-
-from igpt_jax import sharding as sharding_lib
 
 DEFAULT_BLOCK = 128
 SPLASH_BLOCK = 512  # widest splash tile edge (q and kv); see splash_block
 SPLASH_ALIGN = 128  # splash tiles are multiples of the MXU's 128 lanes
-HEAD_AXIS = dict(sharding_lib.RULES)["heads"]  # the mesh axis the model splits heads over
 
 
 def _query_blocks(t: int, block: int, causal: bool):
@@ -146,6 +144,8 @@ def splash_block(t: int, largest: int = SPLASH_BLOCK) -> int:
 
 def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
   """Splash attention on one device's shard, q/k/v [b, T, h, K] -> [b, T, h, K]."""
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
   _, t, h, hd = q.shape
   block = splash_block(t, block)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block,
@@ -159,13 +159,23 @@ def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
   return heads_first(jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v)))
 
 
+def splash_spec(mesh) -> jax.sharding.PartitionSpec:
+  """How splash splits q/k/v [B, T, H, K] over mesh: batch and heads as the logical axis rules
+  in effect map them (axes the mesh lacks left out), T and K whole."""
+  spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  present = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                               if a in mesh.axis_names) or None
+  return jax.sharding.PartitionSpec(present(spec[0]), None, present(spec[2]), None)
+
+
 def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interpret: bool = False):
   """Pallas splash attention (TPU), q/k/v [B, T, H, K] -> [B, T, H, K], on any mesh.
 
   Under a mesh (`jax.set_mesh`) the kernel runs per device inside `jax.shard_map`, with the batch
-  split over the mesh's data/fsdp axes and the heads over `tensor`; T must then be whole on each
-  device. `block` is the widest tile edge (see `splash_block`). interpret=True runs the
-  kernel's Pallas interpreter (any backend; slow; for tests).
+  and the heads split as the logical axis rules in effect say (`splash_spec`; without rules
+  every device computes all of it); T must then be whole on each device. `block` is the widest
+  tile edge (see `splash_block`). interpret=True runs the kernel's Pallas interpreter (any
+  backend; slow; for tests).
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
@@ -173,7 +183,6 @@ def splash_attention(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interp
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v)
-  batch = tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names) or None
-  spec = P(batch, None, HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None, None)
+  spec = splash_spec(mesh)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)

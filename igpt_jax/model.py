@@ -32,6 +32,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from igpt_jax import attention as attention_lib
 
@@ -48,8 +49,10 @@ BERT_MASK_PROB = 0.15
 class IGPTConfig:
   """Hyper-parameters of one iGPT model. Field names follow GPT-2 (`n_layer`, `n_embd`, ...).
 
-  dtype: compute dtype of matmuls and attention ("float32" or "bfloat16"); norm statistics,
-    softmax and the residual stream stay float32 so bf16 keeps the fp32 loss.
+  dtype: compute dtype of matmuls and attention ("float32", "bfloat16" or "float16"); norm
+    statistics, softmax and the residual stream stay float32 so bf16 keeps the fp32 loss.
+    float16 is for GPUs without bf16 tensor cores (V100, T4); training in it takes a dynamic
+    loss scale, which `steps.make_optimizer(dtype="float16")` adds.
   param_dtype: storage dtype of the parameters (the optimizer's master copy).
   remat: "none", "full" (recompute each block in the backward pass) or "dots" (keep only the
     matmul outputs without batch dims).
@@ -57,8 +60,9 @@ class IGPTConfig:
     `nn.scan` (one compiled block: compile time independent of depth).
   attention: "blocked" (causal query blocks that skip the upper triangle, `igpt_jax.attention`;
     fastest on CPU), "xla" (`jax.nn.dot_product_attention`), "cudnn" (flash attention on NVIDIA
-    GPUs, needs bf16/fp16), "splash" (Pallas splash attention, TPU only) or "auto" (splash on
-    TPU, cudnn on GPU in 16 bit, xla on GPU in fp32, else blocked; see attention.resolve).
+    GPUs from Ampere on, needs bf16/fp16), "splash" (Pallas splash attention, TPU only) or
+    "auto" (splash on TPU, cudnn on a GPU that runs it, xla on other GPUs and in fp32, else
+    blocked; see attention.resolve).
   n_classes: > 0 adds the fine-tuning classifier head (mean of the ln_f output, zero init).
   """
 
@@ -183,8 +187,13 @@ def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
   return 6 * n + 12 * attn if backward else 2 * n + 4 * attn
 
 
-def check_tokens(tokens: jax.Array, cfg: IGPTConfig, *, full_length: bool = True) -> None:
-  """ValueError unless tokens are an int [B, T] batch of palette ids (value check if concrete)."""
+def check_tokens(tokens, cfg: IGPTConfig, *, full_length: bool = True) -> None:
+  """ValueError unless tokens are an int [B, T] batch of palette ids.
+
+  Shape and dtype are checked always; the values only in a numpy array, already on the host.
+  A jax.Array is not read: that would wait for the device on every call, fail under jit
+  (a closed-over array is traced there) and on a global array this host cannot address.
+  """
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -192,7 +201,7 @@ def check_tokens(tokens: jax.Array, cfg: IGPTConfig, *, full_length: bool = True
   if full_length and tokens.shape[1] != cfg.n_ctx:
     raise ValueError(f"tokens have length {tokens.shape[1]}, but n_px={cfg.n_px} needs "
                      f"{cfg.n_ctx} (= n_px**2)")
-  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+  if isinstance(tokens, np.ndarray) and tokens.size:
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= cfg.vocab_size:
       raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got range [{lo}, {hi}]")
@@ -384,7 +393,9 @@ class IGPT(nn.Module):
     if cfg.remat != "none":
       policy = (None if cfg.remat == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-      block = nn.remat(block, policy=policy)
+      # Under nn.scan the loop already keeps XLA from merging the recomputation into the
+      # forward pass; prevent_cse's barriers would only block optimisations there.
+      block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.blocks = nn.scan(block, variable_axes={"params": 0, "cache": 0},
                             split_rngs={"params": True}, in_axes=nn.broadcast,
@@ -486,15 +497,35 @@ class IGPT(nn.Module):
     ids [B, S]: the *input* ids at those positions, i.e. the previous image token, or
     `cfg.sos_id` at position 0. Call with `mutable=["cache"]`; the cache is created on first
     use (see `init_cache`). Returns logits [B, S, V] for the tokens at those positions.
+
+    The positions must lie in the cache, [0, L): S > L is a ValueError, and so is an index
+    given as a Python or numpy int that puts them outside. A traced index (a decode loop under
+    jit) cannot be checked without a host round trip: there a call outside the cache returns
+    NaN logits instead of plausible ones (its write, clamped into the cache by
+    dynamic_update_slice, has overwritten other positions: the cache is spent).
     """
     cfg = self.cfg
     if cfg.objective != "ar":
       raise ValueError("decode needs objective='ar'")
-    s = ids.shape[1]
+    s, length = ids.shape[1], self._cache_length()
+    if s > length:
+      raise ValueError(f"decode of {s} positions does not fit a cache of {length}")
+    concrete = isinstance(index, (int, np.integer))
+    if concrete and not 0 <= index <= length - s:
+      raise ValueError(f"decode of positions [{index}, {index + s}) outside the cache, whose "
+                       f"positions are [0, {length})")
     x = self._embed_ids(ids)
     x = x + jax.lax.dynamic_slice_in_dim(self.wpe.astype(jnp.float32), index, s)[None]
     h, _ = self._trunk(x, decode_index=index)
-    return self._head(h)[1]
+    logits = self._head(h)[1]
+    if concrete:
+      return logits
+    return jnp.where((index >= 0) & (index <= length - s), logits, jnp.nan)
+
+  def _cache_length(self) -> int:
+    """Positions of the KV cache in use: the given one's, else the one decode creates."""
+    cache = self.variables.get("cache")
+    return jax.tree.leaves(cache)[0].shape[-2] if cache else self.cfg.n_ctx
 
 
 def check_layers(cfg: IGPTConfig, layers) -> None:

@@ -21,6 +21,7 @@ XLA's cost analysis counts the scanned block once.
 
   plan(config, topology, programs=PROGRAMS, slices=1) -> record   launch/plan.py prints it
   target(topology, slices=1) -> Target                             the chips and their specs
+  dtype_for(config, target) -> (config, note)                      float16 before Ampere
   lower(program, config, mesh) -> (cfg, abstract arguments, lowered)
 """
 
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import topologies
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe as probe_lib
@@ -59,11 +61,13 @@ TPUS = {
     "v6e": (32, 918e12),
 }
 # NVIDIA GPUs: XLA's target config (in gpu_targets/; its device_memory_size is the HBM), peak
-# dense bf16 FLOP/s, and NVLink bandwidth per GPU and direction (bytes/s).
+# dense 16-bit FLOP/s (bf16; the V100's fp16, it has no bf16 units), and NVLink bandwidth per
+# GPU and direction (bytes/s).
 GPUS = {
     "h100": ("h100_sxm.txtpb", 989e12, 450e9),
     "h200": ("h200.txtpb", 989e12, 450e9),
     "a100": ("a100_sxm_80.txtpb", 312e12, 300e9),
+    "v100": ("v100.txtpb", 125e12, 150e9),
 }
 # Between GPU hosts: one 400 Gb/s InfiniBand / RoCE NIC per GPU (the usual 8-GPU node).
 NETWORK_BYTES_PER_S = 50e9
@@ -107,7 +111,7 @@ def _gpu_target(name: str, generation: str, shape: str) -> Target:
 
 def target(topology: str, slices: int = 1) -> Target:
   """The compile-only chips of a TPU slice ('v5p:4x4x2', 'v5e:4x4'; `slices` of them joined by
-  DCN) or of GPU hosts ('h100:8', 'h100:4x8', 'h200:1', 'a100:8')."""
+  DCN) or of GPU hosts ('h100:8', 'h100:4x8', 'h200:1', 'a100:8', 'v100:8')."""
   generation, _, shape = topology.partition(":")
   if generation in GPUS:
     if slices != 1:
@@ -130,7 +134,25 @@ def target(topology: str, slices: int = 1) -> Target:
 
 def _optimizer(config):
   return steps_lib.make_optimizer(config.lr, config.total_steps, config.warmup_steps,
-                                  config.grad_clip, config.schedule)
+                                  config.grad_clip, config.schedule,
+                                  dtype=model_lib.model_config(config.model).dtype)
+
+
+def dtype_for(config: ml_collections.ConfigDict, tgt: Target):
+  """-> (config, the line that says why, or None): bfloat16 compute becomes float16 on a GPU
+  without bfloat16 tensor cores (before Ampere: V100, T4), where XLA computes bf16 matmuls in
+  float32; float16 trains there with its dynamic loss scale (steps.dynamic_loss_scale)."""
+  capability = attention_lib.compute_capability(tgt.devices[0])
+  if (tgt.platform != "gpu" or model_lib.model_config(config.model).dtype != "bfloat16"
+      or capability is None or capability >= attention_lib.CUDNN_MIN_CAPABILITY):
+    return config, None
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = "float16"
+  return config, (f"dtype: {tgt.devices[0].device_kind} (compute capability "
+                  f"{capability[0]}.{capability[1]}) has no bfloat16 tensor cores, so this plan "
+                  "is float16 with dynamic loss scaling; train so with "
+                  "--config.model.dtype=float16")
 
 
 def _batch(config, cfg, mesh, **extra) -> dict:
@@ -237,10 +259,11 @@ def estimated_step_seconds(config: ml_collections.ConfigDict, cfg: model_lib.IGP
 
 
 ROOFLINE = ("roofline, not a measurement: the larger of the matmul FLOPs (the model's, plus the "
-            "recomputed forward under remat='full') at the GPU's peak dense bf16 rate and the "
-            "compiled program's HBM traffic (XLA's cost analysis of the optimised GPU module: "
-            "the bytes each fusion and library call reads and writes) at the GPU's memory "
-            "bandwidth, plus the step's collectives at link bandwidth (NVLink within a host, "
+            "recomputed forward under remat='full') at the GPU's peak dense 16-bit rate (bf16; "
+            "fp16 on a V100) and the compiled program's HBM traffic (XLA's cost analysis of the "
+            "optimised GPU module: the bytes each fusion and library call reads and writes) at "
+            "the GPU's memory bandwidth, plus the step's collectives at link bandwidth (NVLink "
+            "within a host, "
             "{network:.0f} GB/s per GPU between hosts), not overlapped; kernel efficiency, "
             "caches and launch overheads are left out").format(network=NETWORK_BYTES_PER_S / 1e9)
 
@@ -388,6 +411,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
   if unknown or not programs:
     raise ValueError(f"programs {unknown or list(programs)}: expected some of {PROGRAMS}")
   tgt = target(topology, slices)
+  config, dtype_note = dtype_for(config, tgt)
   mesh = sharding_lib.make_mesh(config.mesh, tgt.devices, dcn_shape=config.dcn_mesh)
   cfg = steps_lib.for_mesh(model_lib.model_config(config.model), mesh)
   tokens = config.batch_size * cfg.n_ctx
@@ -400,6 +424,8 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       scan_layers=cfg.scan_layers, attention=cfg.attention,
       hbm_gib=round(tgt.hbm_bytes / GIB, 2),
       flops_per_step=model_lib.flops_per_token(cfg) * tokens, programs={})
+  if dtype_note:
+    record["dtype_note"] = dtype_note
   compiled = {}
   for program in programs:
     rec, program_cfg, compiled[program], used = _compile_with_fallback(program, config, mesh,

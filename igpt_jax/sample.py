@@ -121,9 +121,9 @@ def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = 
   if prompt is None:
     if batch_size is None:
       raise ValueError("sample needs batch_size or a prompt [B, P]")
-    prompt = jnp.zeros((batch_size, 0), jnp.int32)
-  prompt = jnp.asarray(prompt)
-  check_tokens(prompt, cfg, full_length=False)
+    prompt = np.zeros((batch_size, 0), np.int32)
+  prompt = prompt if isinstance(prompt, jax.Array) else np.asarray(prompt)
+  check_tokens(prompt, cfg, full_length=False)  # the values too when on the host
   if batch_size is not None and batch_size != prompt.shape[0]:
     raise ValueError(f"batch_size={batch_size} but the prompt has {prompt.shape[0]} rows")
   if prompt.shape[1] > cfg.n_ctx:
@@ -134,7 +134,7 @@ def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = 
     raise ValueError(f"top_k must lie in [1, {cfg.vocab_size}], got {top_k}")
   if top_p is not None and not 0 < top_p <= 1:
     raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-  prompt = prompt.astype(jnp.int32)
+  prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.shape[1] == cfg.n_ctx:
     return prompt
 
@@ -179,8 +179,9 @@ def prefix_length(cfg: IGPTConfig, *, rows: int | None = None,
 def complete(cfg: IGPTConfig, params, rng: jax.Array, tokens, prefix_len: int, *,
              samples: int = 1, **sample_kw) -> jax.Array:
   """Completions of real images: tokens [N, T] -> [N, samples, T] keeping the first prefix_len."""
+  tokens = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
+  check_tokens(tokens, cfg)  # the values too when on the host
   tokens = jnp.asarray(tokens)
-  check_tokens(tokens, cfg)
   if not 0 <= prefix_len <= cfg.n_ctx:
     raise ValueError(f"prefix_len must lie in [0, {cfg.n_ctx}], got {prefix_len}")
   n = tokens.shape[0]

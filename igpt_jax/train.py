@@ -316,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg = steps_lib.for_mesh(configured, mesh)
   _check_batch_size(config, mesh)
   tx = steps_lib.make_optimizer(config.lr, total, config.warmup_steps, config.grad_clip,
-                                config.schedule)
+                                config.schedule, dtype=cfg.dtype)
   mngr = ckpt_lib.manager(workdir, keep=config.keep_checkpoints,
                           best_metric=ckpt_lib.BEST_METRIC if finetuning else None)
   writer = metrics_lib.Writer(workdir, active=jax.process_index() == 0)

@@ -14,12 +14,16 @@ palette as `palette.npy`. `--tf_checkpoint` reads OpenAI's own release
 may be local or in a bucket (gs://).
 """
 
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 from absl import app
 from absl import flags
 from absl import logging
 
 from igpt_jax import checkpoint
-from igpt_jax import console
 from igpt_jax import convert
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
@@ -38,7 +42,6 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Store the blocks stacked
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  console.setup()
   if (_HF_DIR.value is None) == (_TF_CHECKPOINT.value is None):
     raise app.UsageError("give exactly one of --hf_dir and --tf_checkpoint")
   if _HF_DIR.value:

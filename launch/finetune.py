@@ -9,9 +9,13 @@ after preemption and stops early on config.patience. Then, if config.test_split 
 best checkpoint's accuracy on it goes with the held-out figures into W/finetune_results.json.
 """
 
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 import json
 
-import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 import flax.linen as nn

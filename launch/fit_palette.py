@@ -11,12 +11,16 @@ the split at the model's resolution, as the tokenizer will see them (here a rand
 them; launch/train.py fits all).
 """
 
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
 
@@ -36,7 +40,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the pixel sample and of k-means
 
 def main(argv):
   del argv
-  console.setup()
   config = _CONFIG.value
   if (config is None) == (_DATA.value is None):
     raise app.UsageError("pass exactly one of --config and --data")

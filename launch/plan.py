@@ -7,15 +7,17 @@ r"""Plans a run on a TPU slice or GPU hosts from any host, with the real XLA com
       --programs extract,sample
 
 Topologies: a TPU slice `<v4|v5e|v5p|v6e>:<chips>` (v5e:4x4, v5p:4x4x2, v6e:8x8; `--slices N`
-joins N of them over DCN, laid out by `config.dcn_mesh`), or NVIDIA GPUs `<h100|h200|a100>:<per
-host>` or `:<hosts>x<per host>` (h100:8, h100:4x8, h200:1). Compiles each program of the run
-(`--programs`, default all: train, eval, extract, sample, finetune; see igpt_jax/plan.py) on
-the config's mesh and prints, per program, per-chip memory against the chip's HBM and the
-compile time; then FLOPs per train step and its estimated time with the tokens/s and MFU it
-implies: the TPU compiler's estimate, or on GPUs a roofline whose assumptions are printed
-(neither is a measurement). Exits 1, with the reason and the knob that helps, when a program
-does not fit. The last line of stdout is one JSON object. Needs libtpu for TPUs
-(`pip install -e '.[tpu]'`), the CUDA compiler plugin for GPUs (`pip install -e '.[gpu-plan]'`).
+joins N of them over DCN, laid out by `config.dcn_mesh`), or NVIDIA GPUs
+`<h100|h200|a100|v100>:<per host>` or `:<hosts>x<per host>` (h100:8, h100:4x8, h200:1; a
+bfloat16 config is planned in float16 on a V100, which says so in one line). Compiles each
+program of the run (`--programs`, default all: train, eval, extract, sample, finetune; see
+igpt_jax/plan.py) on the config's mesh and prints, per program, per-chip memory against the
+chip's HBM, the attention it compiled and the compile time; then FLOPs per train step and its
+estimated time with the tokens/s and MFU it implies: the TPU compiler's estimate, or on GPUs a
+roofline whose assumptions are printed (neither is a measurement). Exits 1, with the reason
+and the knob that helps, when a program does not fit. The last line of stdout is one JSON
+object. Needs libtpu for TPUs (`pip install -e '.[tpu]'`), the CUDA compiler plugin for GPUs
+(`pip install -e '.[gpu-plan]'`).
 """
 
 import json
@@ -25,17 +27,21 @@ import sys
 # Eager work stays on the host; the TPU / GPU devices only compile. Must precede the jax import.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app  # pylint: disable=wrong-import-position
-from absl import flags  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from igpt_jax import console
 
-from igpt_jax import console  # pylint: disable=wrong-import-position
-from igpt_jax import plan  # pylint: disable=wrong-import-position
+console.setup()  # first, before anything imports jax: see console.setup
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from igpt_jax import plan
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None,
-                                "TPU slice (v5p:4x4x2, v5e:4x4) or GPU hosts (h100:8, h100:4x8).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice (v5p:4x4x2, v5e:4x4) or GPU "
+                                "hosts (h100:8, h100:4x8, v100:8).")
 _SLICES = flags.DEFINE_integer("slices", 1, "TPU slices of --topology joined over DCN.")
 _PROGRAMS = flags.DEFINE_list("programs", list(plan.PROGRAMS),
                               f"Programs to compile, some of {', '.join(plan.PROGRAMS)}.")
@@ -44,7 +50,6 @@ _PROGRAMS = flags.DEFINE_list("programs", list(plan.PROGRAMS),
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  console.setup()
   record = plan.plan(_CONFIG.value, _TOPOLOGY.value, _PROGRAMS.value, _SLICES.value)
   unit = "GPU" if record["device_kind"].startswith("NVIDIA") else "chip"
   slices = f" x {record['slices']} slices" if record["slices"] > 1 else ""
@@ -52,6 +57,8 @@ def main(argv):
         f"batch {record['batch']}, {record['dtype']}) on {record['topology']}{slices}: "
         f"{record['chips']} {record['device_kind']}, mesh {record['mesh']}, "
         f"{record['hbm_gib']} GiB HBM per {unit}", flush=True)
+  if "dtype_note" in record:
+    print(f"  {record['dtype_note']}", flush=True)
   for name, rec in record["programs"].items():
     mem = (f"{rec['per_device_gib']:.2f} GiB per {unit} (arguments {rec['argument_gib']:.2f}, "
            f"temporaries {rec['temp_gib']:.2f})" if rec["fits"] else rec["reason"])

@@ -24,16 +24,19 @@ host reads its own slice of the splits and writes its own shards; W must be a bu
 that every host sees. Process 0 writes the results.
 """
 
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 import json
 
-import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
 from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
 from igpt_jax import checkpoint
-from igpt_jax import console
 from igpt_jax import probe
 from igpt_jax import sharding
 
@@ -67,7 +70,6 @@ def checkpoint_steps(workdir: str, spec: str) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  console.setup()
   sharding.maybe_initialize_distributed()
   report = print if jax.process_index() == 0 else lambda _: None
   if _CHECKPOINTS.value is None:

@@ -17,7 +17,11 @@ batch is split over as many of them as divide it evenly; on a CPU host every cor
 of float32 weights on 16 GB chips).
 """
 
-import igpt_jax  # pylint: disable=unused-import  # before jax: see igpt_jax/__init__.py
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -25,7 +29,6 @@ import jax
 import numpy as np
 
 from igpt_jax import checkpoint
-from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
@@ -64,7 +67,6 @@ _MESH = flags.DEFINE_list(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  console.setup()
   sharding.use_one_cpu_device_per_core()
   sharding.require_one_process("launch/sample.py")  # every process would write the same files
   mesh = None

@@ -10,6 +10,10 @@ config mesh that fills the devices (a -1) spans every core: each core is one XLA
 (`sharding.use_one_cpu_device_per_core`) and the batch is split over them.
 """
 
+# pylint: disable=wrong-import-position
+from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
 
 from absl import app
 from absl import flags

@@ -1,14 +1,18 @@
 """Blocked attention against jax.nn.dot_product_attention, alone and inside the model."""
 
 import functools
+import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from igpt_jax import attention
+from igpt_jax import checkpoint
 from igpt_jax import kernels
+from igpt_jax import sharding
 from igpt_jax.model import IGPT, IGPTConfig, init_cache, init_params
 
 
@@ -70,17 +74,31 @@ def test_splash_with_a_tile_wider_than_divides_t():
                              atol=1e-5, rtol=1e-5)
 
 
-def test_splash_runs_per_device_on_a_data_fsdp_tensor_mesh():
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+def _shard_map_specs(fn, q, k, v):
+  """The specs of q, k, v (its last three operands; the kernel's mask tables come first) and
+  of the output in the one shard_map of fn's jaxpr."""
+  eqns = [e for e in jax.make_jaxpr(fn)(q, k, v).jaxpr.eqns if e.primitive.name == "shard_map"]
+  assert len(eqns) == 1, eqns
+  return (*eqns[0].params["in_specs"][-3:], *eqns[0].params["out_specs"])
+
+
+# Ours (sharding.RULES over data x fsdp x tensor), and a caller's own mesh names and rules.
+@pytest.mark.parametrize("axes, rules, batch, heads", [
+    (("data", "fsdp", "tensor"), sharding.RULES, ("data", "fsdp"), ("tensor",)),
+    (("replica", "model", "unused"), (("batch", "replica"), ("heads", "model")), ("replica",),
+     ("model",)),
+])
+def test_splash_splits_batch_and_heads_as_the_rules_in_effect_say(axes, rules, batch, heads):
+  mesh = jax.make_mesh((2, 2, 2), axes, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   q, k, v = _qkvg(128)[:3]
   q, k, v = (jnp.concatenate([x, x], axis=0)[:, :, :2] for x in (q, k, v))  # [4, 128, 2, 8]
   ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
-                                                                     "tensor", None))
-  with jax.set_mesh(mesh):
-    fn = jax.jit(functools.partial(kernels.splash_attention, causal=True, interpret=True))
-    out = fn(*(jax.device_put(x, spec) for x in (q, k, v)))
+  spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+  placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v)]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    fn = functools.partial(kernels.splash_attention, causal=True, interpret=True)
+    assert _shard_map_specs(fn, *placed) == (spec,) * 4
+    out = jax.jit(fn)(*placed)
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -102,23 +120,51 @@ def test_bfloat16_inputs_keep_float32_softmax():
   np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=3e-2)
 
 
-def test_auto_attention_follows_the_target_platform_and_dtype():
-  assert attention.resolve("xla", jnp.float32) == "xla"
+def _device(platform, capability=None):
+  """A device as resolve reads one: a real GPU and a compile-only one (a plan's target) alike
+  carry their compute capability."""
+  return types.SimpleNamespace(platform=platform, compute_capability=capability)
+
+
+def test_auto_attention_follows_the_target_device_and_dtype():
+  bf16, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+  assert attention.resolve("xla", f32) == "xla"
   expected = "blocked" if jax.default_backend() != "gpu" else "cudnn"
-  assert attention.resolve("auto", jnp.bfloat16) == expected
-  # The target platform decides, not the host's backend (a CPU host compiling for a TPU).
-  assert attention.resolve("auto", jnp.bfloat16, "tpu") == "splash"
-  assert attention.resolve("auto", jnp.bfloat16, "tpu", seq_len=1024) == "splash"
-  assert attention.resolve("auto", jnp.bfloat16, "tpu", seq_len=64) == "xla"  # 8x8: no tiles
-  assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
-  assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
-  assert attention.resolve("auto", jnp.float32, "cpu") == "blocked"
-  assert attention.resolve("splash", jnp.float32, "cpu") == "splash"
+  assert attention.resolve("auto", bf16, head_dim=64) == expected
+  # The target device decides, not the host's backend (a CPU host compiling for a TPU).
+  tpu = _device("tpu")
+  assert attention.resolve("auto", bf16, tpu) == "splash"
+  assert attention.resolve("auto", bf16, tpu, seq_len=1024) == "splash"
+  assert attention.resolve("auto", bf16, tpu, seq_len=64) == "xla"  # 8x8: no tiles
+  assert attention.resolve("auto", f32, _device("cpu")) == "blocked"
+  assert attention.resolve("splash", f32, _device("cpu")) == "splash"
+  # cuDNN's flash attention where it runs: Ampere (8.0) and later, 16 bit, head dim a multiple
+  # of 8 up to 128 (256 from Hopper); XLA's on a V100 (7.0) or a T4 (7.5), and in float32.
+  a100, h100 = _device("gpu", "8.0"), _device("gpu", "9.0")
+  for gpu in (a100, _device("gpu", "8.9"), h100):
+    assert attention.resolve("auto", bf16, gpu, head_dim=64) == "cudnn"
+    assert attention.resolve("auto", f16, gpu, head_dim=128) == "cudnn"
+    assert attention.resolve("auto", f32, gpu, head_dim=64) == "xla"
+    assert attention.resolve("auto", bf16, gpu, head_dim=60) == "xla"
+  for old in (_device("gpu", "7.0"), _device("gpu", "7.5"), _device("gpu", "6.0")):
+    assert attention.resolve("auto", f16, old, head_dim=64) == "xla"
+    assert attention.resolve("auto", bf16, old, head_dim=64) == "xla"
+  assert attention.resolve("auto", bf16, a100, head_dim=256) == "xla"
+  assert attention.resolve("auto", bf16, h100, head_dim=256) == "cudnn"
   assert IGPTConfig(attention="splash").attention == "splash"
   with pytest.raises(ValueError, match="flash"):
-    attention.resolve("flash", jnp.float32)
+    attention.resolve("flash", f32)
   with pytest.raises(ValueError, match="attention"):
     IGPTConfig(attention="flash")
+
+
+def test_a_checkpoint_that_recorded_cudnn_runs_auto_where_cudnn_does_not():
+  saved = IGPTConfig(n_px=8, n_layer=1, n_embd=64, n_head=1, attention="cudnn", dtype="float16")
+  assert checkpoint.for_this_host(saved, device=_device("gpu", "8.0")).attention == "cudnn"
+  for where in (_device("gpu", "7.5"), _device("cpu"), _device("tpu")):
+    assert checkpoint.for_this_host(saved, device=where).attention == "auto"
+  assert checkpoint.for_this_host(saved.replace(dtype="float32"),
+                                  device=_device("gpu", "9.0")).attention == "auto"
 
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])

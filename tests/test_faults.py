@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import faults
 from igpt_jax import metrics as metrics_lib
@@ -128,7 +129,7 @@ def test_save_failures_are_named_by_cause(error, cause):
 def test_abandoned_orbax_writes_are_quiet_and_nothing_else(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-  checkpoint.manager("unused", read_only=True)  # installs the filter once; creates nothing
+  console._quiet_abandoned_writes()  # console.setup's, once per launch
   for e in (RuntimeError("Event loop is closed"), RuntimeError("another"), ValueError("x")):
     sys.unraisablehook(types.SimpleNamespace(exc_value=e, exc_type=type(e), object=None))
   assert [str(e) for e in seen] == ["another", "x"]

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,6 +114,55 @@ def test_kv_cache_matches_full_forward(scan):
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=1e-5)
   with pytest.raises(ValueError, match="cache length"):
     M.init_cache(cfg, 2, length=cfg.n_ctx + 1)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_refuses_positions_outside_the_cache(scan):
+  cfg = TINY.replace(scan_layers=scan)
+  params = randomized_params(cfg)
+  cache = M.init_cache(cfg, 2, length=8)
+  decode = lambda ids, i: M.IGPT(cfg).apply({"params": params, "cache": cache}, ids, i,
+                                            method=M.IGPT.decode, mutable=["cache"])[0]
+  ids = np.full((2, 3), cfg.sos_id, np.int32)
+  assert np.isfinite(decode(ids, 5)).all()  # positions 5, 6, 7: the last three
+  for index in (6, np.int32(7), -1):  # a clamped write would overwrite positions 5..7
+    with pytest.raises(ValueError, match=r"positions \[.*outside the cache, whose positions "
+                                         r"are \[0, 8\)"):
+      decode(ids, index)
+  with pytest.raises(ValueError, match="9 positions does not fit a cache of 8"):
+    decode(np.zeros((2, 9), np.int32), 0)
+  # A traced index (a decode loop under jit) is not read back: the logits say it instead.
+  traced = jax.jit(decode)
+  assert np.isfinite(traced(ids, 5)).all()
+  assert np.isnan(traced(ids, 6)).all() and np.isnan(traced(ids, -1)).all()
+
+
+def test_remat_under_scan_lets_xla_optimise_and_keeps_the_gradients():
+  """nn.remat inside nn.scan without prevent_cse's barriers (the loop already keeps the
+  recomputation apart, as flax's docs say), unscanned with them; the same gradients."""
+  tokens = tokens_for(TINY)
+  params = randomized_params(TINY)
+  stacked = {k: v for k, v in params.items() if not k.startswith("h_")}
+  stacked["h"] = jax.tree.map(lambda *x: jnp.stack(x), params["h_0"], params["h_1"])
+  loss = lambda cfg: lambda p: jnp.mean(M.IGPT(cfg).apply({"params": p}, tokens) ** 2)
+  ref = jax.grad(loss(TINY.replace(scan_layers=True)))(stacked)
+
+  def remats(jaxpr):  # prevent_cse of every remat in jaxpr, nested ones included
+    found = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("checkpoint", "remat", "remat2"):
+        found.append(eqn.params["prevent_cse"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        found += remats(sub)
+    return found
+
+  for remat in ("full", "dots"):
+    scanned = TINY.replace(scan_layers=True, remat=remat)
+    assert set(remats(jax.make_jaxpr(loss(scanned))(stacked).jaxpr)) == {False}
+    unscanned = TINY.replace(remat=remat)
+    assert set(remats(jax.make_jaxpr(loss(unscanned))(params).jaxpr)) == {True}
+  grads = jax.jit(jax.grad(loss(TINY.replace(scan_layers=True, remat="full"))))(stacked)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref)
 
 
 def test_options_do_not_change_the_function():
@@ -233,8 +283,8 @@ def test_bad_input_is_refused_clearly():
   model = M.IGPT(TINY)
   with pytest.raises(ValueError, match="length 15"):
     model.apply({"params": params}, jnp.zeros((1, 15), jnp.int32))
-  with pytest.raises(ValueError, match=r"\[0, 512\)"):
-    model.apply({"params": params}, jnp.full((1, 16), 512, jnp.int32))
+  with pytest.raises(ValueError, match=r"\[0, 512\)"):  # values: in a host (numpy) array
+    model.apply({"params": params}, np.full((1, 16), 512, np.int32))
   with pytest.raises(ValueError, match="integers"):
     model.apply({"params": params}, jnp.zeros((1, 16), jnp.float32))
   with pytest.raises(ValueError, match="unknown preset"):

@@ -11,6 +11,7 @@ import pytest
 from igpt_jax import model as model_lib
 from igpt_jax import plan
 from igpt_jax import sharding
+from igpt_jax import steps
 from conftest import REPO, TINY, tiny_config
 
 MODEL = dict(n_px=4, n_layer=3, n_embd=64, n_head=2, vocab_size=16, dtype="bfloat16",
@@ -157,3 +158,26 @@ def test_too_large_a_step_fails_with_the_reason_and_its_knob(topology, hbm):
   assert record["programs"]["train"]["argument_gib"] > hbm / 2  # the state is the culprit
   assert "fsdp" in record["reason"] and record["largest_program"] == "train"
   assert "fits: false" in out.stdout
+
+
+@pytest.mark.slow
+def test_gpu_plans_pick_the_attention_and_dtype_each_gpu_runs():
+  """Deviceless, as a user plans: on an A100 (compute capability 8.0) "auto" compiles cuDNN's
+  flash attention in bf16; on a V100 (7.0), where cuDNN's has no kernel (yet its compile goes
+  through without the GPU), XLA's, and the bf16 config is planned in float16 with its loss
+  scale (the V100 has no bf16 tensor cores), said in one line."""
+  needs_gpu_compiler()
+  config = tiny_config(UNUSED, model=MODEL, mesh=(2, 1, 1))
+  a100 = plan.plan(config, "a100:2", programs=("train",))
+  assert a100["attention"] == "cudnn" and a100["dtype"] == "bfloat16"
+  assert "dtype_note" not in a100 and "attention_fallback" not in a100["programs"]["train"]
+  v100 = plan.plan(config, "v100:2", programs=("train", "sample"))
+  assert v100["device_kind"] == "Tesla V100-SXM2-16GB" and v100["fits"]
+  assert v100["attention"] == "xla" and v100["dtype"] == "float16"
+  assert all(r["attention"] == "xla" and "attention_fallback" not in r
+             for r in v100["programs"].values())
+  assert "\n" not in v100["dtype_note"] and "float16" in v100["dtype_note"]
+  fp16, _ = plan.dtype_for(config, plan.target("v100:2"))
+  mesh = sharding.make_mesh((2, 1, 1), plan.target("v100:2").devices)
+  _, (state, _), _ = plan.lower("train", fp16, mesh)
+  assert isinstance(state.opt_state, steps.LossScaleState)

@@ -128,7 +128,7 @@ def test_bad_arguments_raise(params):
   with pytest.raises(ValueError, match="batch_size or a prompt"):
     sample_lib.sample(CFG, params, key)
   with pytest.raises(ValueError, match="token ids"):
-    sample_lib.sample(CFG, params, key, prompt=jnp.full((2, 3), CFG.vocab_size))
+    sample_lib.sample(CFG, params, key, prompt=np.full((2, 3), CFG.vocab_size))
   with pytest.raises(ValueError, match="temperature"):
     sample_lib.sample(CFG, params, key, batch_size=2, temperature=-1)
   with pytest.raises(ValueError, match="top_k"):
