@@ -15,10 +15,12 @@ copy of another image of the same batch (the first good one after it), so batch 
 function of (seed, k) and resumes stay exact; an eval row is left out like a padding row. With
 skip_bad_files=False the first such file is a ValueError naming it.
 
-Train streams are a pure function of (data_cfg, seed, host): epoch e is the host slice shuffled with
-seed (seed, e), and every random augmentation is a stateless op seeded by (seed, position of the
-example in the stream). Batch k is therefore known without running batches 0..k-1, and
-`start_step=k` resumes exactly there (only the encoded records of the current epoch are skipped).
+Train streams are a pure function of (data_cfg, seed, batch_size, host layout): epoch e is the host
+slice shuffled with seed (seed, e), and every random augmentation is a stateless op seeded by
+(seed, row of the example in the global stream: batch k's rows are k * batch_size onward, host
+i's share of them from i * batch_size / process_count), so no two hosts share a draw. Batch k is
+therefore known without running batches 0..k-1, and `start_step=k` resumes exactly there (only
+the encoded records of the current epoch are skipped).
 
 TensorFlow is imported lazily (GPU and TPU hosts may lack it) and kept off the accelerators.
 Listings, `.npz` files and the palette go through the project's path layer (`igpt_jax.paths`);
@@ -461,10 +463,15 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
                         reshuffle_each_iteration=False)
 
     first = start_step * local_batch  # position in the stream of this host's next example
+
+    def global_row(i):  # this host's example i is row i % local_batch of its batch i // local_batch
+      return i // local_batch * batch_size + process_index * local_batch + i % local_batch
+
     ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
     ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
     ds = ds.enumerate(start=first).map(
-        lambda i, ex: {**tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
+        lambda i, ex: {**tokens(ex["image"], ex["label"],
+                                tf.stack([tf.cast(seed, tf.int64), global_row(i)])),
                        "ok": ex.get("ok", True)},
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
