@@ -172,10 +172,16 @@ def _model(config, workdir: str):
 
 
 def _check_batch_size(config, mesh) -> None:
+  """The batch, and each of its accum_steps microbatches, split evenly over the batch shards
+  (a microbatch that does not is laid out again, on every device, at every step)."""
   sharding_lib.check_batch_size(config.batch_size, mesh)
-  if config.batch_size % config.accum_steps:
-    raise ValueError(f"batch_size={config.batch_size} does not split into "
-                     f"accum_steps={config.accum_steps}")
+  batch, n, shards = config.batch_size, config.accum_steps, sharding_lib.batch_shards(mesh)
+  if batch % n:
+    raise ValueError(f"batch_size={batch} does not split into accum_steps={n}")
+  if batch // n % shards:
+    raise ValueError(f"microbatches of {batch // n} rows (batch_size={batch} / accum_steps={n}) "
+                     f"must divide by the {shards} batch shards (data x fsdp of mesh "
+                     f"{dict(mesh.shape)})")
 
 
 def _restore(mngr, workdir: str, cfg, tx, mesh, shardings):

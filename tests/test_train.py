@@ -93,6 +93,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(batch_size=6), "batch_size=6"),
+    # 8 devices: microbatches of 16 / 4 = 4 rows would each be gathered whole on every device.
+    (dict(batch_size=16, accum_steps=4), r"microbatches of 4 rows \(batch_size=16 / "
+                                         r"accum_steps=4\) must divide by the 8 batch shards"),
     (dict(model=dict(n_px=4, n_layers=2, n_embd=32, n_head=2, vocab_size=16)), "n_layers"),
     (dict(model=dict(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=32)), "palette"),
 ])
