@@ -41,7 +41,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from igpt_jax import console
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 
@@ -527,40 +526,3 @@ def load_images(data_cfg, split: str, max_images: int | None = None, *,
   if not images:
     raise ValueError(f"split {split!r} of {cfg['name']!r} is empty")
   return np.stack(images), np.array(labels, np.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The palette of a run: the one recipe behind launch/train.py and launch/fit_palette.py.
-
-PALETTE_IMAGES = 5000  # training images whose pixels fit a run's palette
-
-
-def fit_split_palette(data_cfg, split: str, *, n_px: int | None, k: int,
-                      images: int = PALETTE_IMAGES, n_pixels: int = 0, steps: int = 300,
-                      seed: int = 0) -> np.ndarray:
-  """k-means palette of the first `images` images of split, at n_px as the tokenizer sees them.
-
-  n_pixels > 0 fits a random sample of that many of their pixels (seeded) instead of all.
-  """
-  pixels = load_images(data_cfg, split, images, n_px=n_px)[0].reshape(-1, 3)
-  if 0 < n_pixels < len(pixels):
-    pixels = pixels[np.random.default_rng(seed).choice(len(pixels), n_pixels, replace=False)]
-  return palette_lib.fit_palette(pixels, k, steps=steps, seed=seed)
-
-
-def run_palette(config, workdir: str, k: int, n_px: int) -> np.ndarray:
-  """config.palette if set, else workdir/palette.npy, fitted there from the training split
-  (`fit_split_palette` defaults, config.seed) when it is missing."""
-  path = config.palette or paths.path(workdir) / "palette.npy"
-  if not paths.path(path).exists():
-    if config.palette:
-      raise FileNotFoundError(f"palette file {path} not found (launch/fit_palette.py fits one; "
-                              "an empty config.palette fits one into the workdir)")
-    with console.status(f"fitting a {k}-colour palette to {config.data['name']} "
-                        f"{config.data.train_split}"):
-      palette = fit_split_palette(config.data, config.data.train_split, n_px=n_px, k=k,
-                                  seed=config.seed)
-    if jax.process_index() == 0:
-      palette_lib.save_palette(path, palette)
-    return palette
-  return palette_lib.load_palette(path, k=k)
