@@ -5,7 +5,7 @@ something different (conftest's `run_pair` starts two of them):
       [--transient_on=0 --transient_step=6 --transient_times=2]
   python tests/pair_process.py palette WORKDIR --data=IMAGES.npz
 
-`restore` restores WORKDIR's newest readable train state (checkpoint.restore, as the training
+`restore` restores WORKDIR's (local or gs://) newest readable train state (checkpoint.restore, as the training
 loop does) onto a mesh over both processes. A fault is injected below orbax, in
 StandardCheckpointHandler.restore, on one process only: `unreadable` raises what TensorStore
 raises for a truncated array file, `transient` what it raises for a GCS 503, the first
@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from igpt_jax import checkpoint
 from igpt_jax import fit_palette
 from igpt_jax import model as model_lib
+from igpt_jax import paths
 from igpt_jax import sharding
 from igpt_jax import steps
 from conftest import PAIR_MODEL
@@ -71,7 +72,7 @@ def restore(args) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     abstract = steps.abstract_train_state(CFG, tx, mesh)
     mngr = checkpoint.manager(args.workdir)
-    aside = os.path.join(args.workdir, "unreadable_checkpoints")
+    aside = paths.path(args.workdir) / "unreadable_checkpoints"
     try:
       params, _, meta = checkpoint.restore(mngr, abstract.params, abstract.opt_state, CFG,
                                            set_aside=aside)
@@ -79,7 +80,7 @@ def restore(args) -> dict:
       return {"error": f"{type(e).__name__}: {e}"}
     wte = params["wte"].addressable_shards[0].data
   return {"step": meta["step"], "steps": mngr.all_steps(),
-          "set_aside": sorted(os.listdir(aside)) if os.path.isdir(aside) else [],
+          "set_aside": sorted(p.name for p in aside.iterdir()) if aside.is_dir() else [],
           "wte_sum": float(np.asarray(wte, np.float64).sum())}
 
 

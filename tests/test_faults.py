@@ -22,8 +22,10 @@ from igpt_jax import checkpoint
 from igpt_jax import data
 from igpt_jax import faults
 from igpt_jax import metrics as metrics_lib
+from igpt_jax import paths
 from igpt_jax import train
-from conftest import REPO, TINY, free_port, run_pair, save_train_states, tiny_config
+from conftest import (GCS_BUCKET, REPO, TINY, free_port, run_pair, save_train_states,
+                      tiny_config)
 
 # pylint: disable=redefined-outer-name,protected-access
 
@@ -308,10 +310,15 @@ def test_a_slow_save_with_every_process_present_is_waited_for(tmp_path, monkeypa
 # -- a checkpoint that one process cannot read, or the storage failing for a while ---------------
 
 
-@pytest.fixture
-def two_steps(tmp_path):
-  """A workdir with checkpoints 3 and 6 of a train state; -> (workdir, {step: sum of wte})."""
-  return tmp_path, save_train_states(tmp_path, [3, 6])
+@pytest.fixture(params=["local", "bucket"])
+def two_steps(request, tmp_path):
+  """A workdir (local, or in the GCS emulator's bucket) with checkpoints 3 and 6 of a train
+  state; -> (workdir, {step: sum of wte})."""
+  workdir = tmp_path
+  if request.param == "bucket":
+    request.getfixturevalue("gcs")
+    workdir = paths.path(f"gs://{GCS_BUCKET}/{tmp_path.name}")
+  return workdir, save_train_states(workdir, [3, 6])
 
 
 def restored(outs, sums) -> int:
@@ -329,7 +336,7 @@ def test_newest_unreadable_on_one_process_only_both_restore_the_older_one(two_st
   outs = run_pair("restore", workdir, "--unreadable_on=1", "--unreadable_step=6")
   assert restored(outs, sums) == 3
   assert all(o["set_aside"] == ["6"] and o["steps"] == [3] for o in outs), outs  # moved once
-  assert os.listdir(workdir / "unreadable_checkpoints") == ["6"]
+  assert [p.name for p in (workdir / "unreadable_checkpoints").iterdir()] == ["6"]
 
 
 @pytest.mark.slow
