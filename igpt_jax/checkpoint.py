@@ -430,14 +430,15 @@ def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any],
     except UnreadableCheckpoint as e:
       told = {"unreadable": str(e)}
     except Exception as e:  # pylint: disable=broad-except  # raised below, once told
-      error, told = e, {"error": _first_line(e)}
+      error, told = e, {"error": str(e) if isinstance(e, RestoreFailed) else (
+          f"process {jax.process_index()} of {n} stopped reading checkpoint "
+          f"{mngr.directory}/{step}: {_first_line(e)}")}
     outcomes = hosts.share(f"read checkpoint {step}", told)
     if error is not None:
       raise error
-    for i, outcome in enumerate(outcomes):
+    for outcome in outcomes:  # another process's failure: the same line here
       if "error" in outcome:
-        raise RestoreFailed(f"process {i} of {n} could not read checkpoint {mngr.directory}/"
-                            f"{step}: {outcome['error']}")
+        raise RestoreFailed(outcome["error"])
     bad = [(i, o["unreadable"]) for i, o in enumerate(outcomes) if "unreadable" in o]
     for i, why in bad:
       logging.warning("checkpoint %s/%d cannot be read%s, skipping it (%s)", mngr.directory,
