@@ -3,8 +3,8 @@
 Layout: `workdir/checkpoints/<step>/{params, opt_state, meta}`. `meta` holds the model config,
 the palette (so a checkpoint decodes its own samples), the step, the training config, the
 loop's own state (e.g. the best held-out accuracy so far) and its data: what fixes the stream
-(batch size, processes, seed, data, resolution, palette) and the examples each host has read;
-the stream is a pure function of those and the step, which a resume checks (train.py). Weights-only
+(batch size, processes, seed, data, resolution, palette; batch k is a function of those and k,
+which a resume checks: train.py) and the examples each host has read. Weights-only
 checkpoints (`save_params`, converted models) have no opt_state. The workdir may be local or in
 a bucket (`gs://...`): orbax gets the URI itself and commits with its object-store protocol.
 
@@ -20,9 +20,11 @@ once the storage is fixed resumes from that newest good checkpoint.
 
 A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
 warning that names its step and why: `load` and `restore` fall back to the newest one that
-reads; none readable is one error naming every step tried. Nothing is deleted; the training
-loop moves an unreadable step to `workdir/unreadable_checkpoints/` so it neither counts as kept
-nor blocks a new save of that step.
+every process reads (the processes agree, `newest_readable`); none readable is one error naming
+every step tried. Nothing is deleted; the training loop moves an unreadable step to
+`workdir/unreadable_checkpoints/` so it neither counts as kept nor blocks a new save of that
+step. A read that fails for a reason outside the checkpoint (a 5xx, a timeout: `is_unreadable`)
+is tried again and then ends the run (`RestoreFailed`), never skipped.
 
 Runs that evaluate held-out accuracy save it as the checkpoint's orbax metric: the manager
 (`best_metric=`) keeps the best one on disk besides the last `keep`, and `load(workdir, "best")`
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -367,6 +370,7 @@ def is_unreadable(error: BaseException) -> bool:
              _UNREADABLE.search(str(e)) for e in chain)
 
 
+@functools.cache  # one per process, as a manager keeps its own
 def _reader() -> ocp.Checkpointer:
   """Reads for this process alone. orbax's own restore ends in a barrier of every process, where
   a process that failed to read leaves the others waiting (and, once it has read an older step,

@@ -5,8 +5,8 @@ something different (conftest's `run_pair` starts two of them):
       [--transient_on=0 --transient_step=6 --transient_times=2]
   python tests/pair_process.py palette WORKDIR --data=IMAGES.npz
 
-`restore` restores WORKDIR's (local or gs://) newest readable train state (checkpoint.restore, as the training
-loop does) onto a mesh over both processes. A fault is injected below orbax, in
+`restore` restores the newest readable train state of WORKDIR (local or gs://) as the training
+loop does (checkpoint.restore), onto a mesh over both processes. A fault is injected below orbax, in
 StandardCheckpointHandler.restore, on one process only: `unreadable` raises what TensorStore
 raises for a truncated array file, `transient` what it raises for a GCS 503, the first
 `transient_times` reads of that step. `palette` gets the run's palette (train's recipe) with
