@@ -176,8 +176,8 @@ def _model(config, workdir: str):
 
 def _check_batch_size(config, mesh) -> None:
   """The batch, and each of its accum_steps microbatches, split evenly over the batch shards (a
-  microbatch that does not is gathered whole and split again at every step: XLA's "involuntary
-  full rematerialization", 6 all-gathers more in the tiny model's step)."""
+  microbatch that does not is gathered whole and split again at every step: XLA warns of an
+  "involuntary full rematerialization")."""
   sharding_lib.check_batch_size(config.batch_size, mesh)
   batch, n, shards = config.batch_size, config.accum_steps, sharding_lib.batch_shards(mesh)
   if batch % n:
