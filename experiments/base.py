@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 0  # held-out batches per evaluation; 0: the whole eval split
   c.checkpoint_every = 1000  # also on SIGTERM / preemption and at every fine-tuning evaluation
   c.keep_checkpoints = 3  # newest checkpoints kept (plus the best one when fine-tuning)
+  # A resume continues the checkpoint's data stream exactly, so it refuses a config that would
+  # change it: batch_size, the number of processes, seed, data name / train_split / augment /
+  # shuffle_buffer, n_px or the palette (the line names each change). True resumes anyway, with
+  # a warning naming them: the run goes on at batch `step` of the new stream.
+  c.allow_data_change = False
   c.sample_every = 0  # PNG grid of samples and half-image completions (AR models only)
 
   # More periodic evaluators (igpt_jax/evaluators.py), by name; the held-out loss, accuracy and

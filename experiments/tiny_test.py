@@ -9,7 +9,8 @@ from experiments import base
 
 def get_config():
   c = base.get_config()
-  c.data = dict(name=base.cifar10(), train_split="train[:48]", eval_split="train[48:64]")
+  c.data = dict(name=base.cifar10(), train_split="train[:48]", eval_split="train[48:64]",
+                augment="none")  # a key, so that tests may set it from the command line
   c.model.update(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
   # Every action every few steps, so a short run exercises logging, evals and resumes.
   c.total_steps = 8

@@ -1,9 +1,10 @@
 """Orbax checkpoints of a run: parameters, optimizer state, and a JSON record of the rest.
 
 Layout: `workdir/checkpoints/<step>/{params, opt_state, meta}`. `meta` holds the model config,
-the palette (so a checkpoint decodes its own samples), the step, the data position (the number
-of batches consumed: the input pipeline is a pure function of (seed, position)), the training
-config and the loop's own state (e.g. the best held-out accuracy so far). Weights-only
+the palette (so a checkpoint decodes its own samples), the step, the training config, the
+loop's own state (e.g. the best held-out accuracy so far) and its data: what fixes the stream
+(batch size, processes, seed, data, resolution, palette; batch k is a function of those and k,
+which a resume checks: train.py) and the examples each host has read. Weights-only
 checkpoints (`save_params`, converted models) have no opt_state. The workdir may be local or in
 a bucket (`gs://...`): orbax gets the URI itself and commits with its object-store protocol.
 
@@ -19,9 +20,11 @@ once the storage is fixed resumes from that newest good checkpoint.
 
 A checkpoint that cannot be read (a disk that filled up, a copy cut short) is skipped with a
 warning that names its step and why: `load` and `restore` fall back to the newest one that
-reads; none readable is one error naming every step tried. Nothing is deleted; the training
-loop moves an unreadable step to `workdir/unreadable_checkpoints/` so it neither counts as kept
-nor blocks a new save of that step.
+every process reads (the processes agree, `newest_readable`); none readable is one error naming
+every step tried. Nothing is deleted; the training loop moves an unreadable step to
+`workdir/unreadable_checkpoints/` so it neither counts as kept nor blocks a new save of that
+step. A read that fails for a reason outside the checkpoint (a 5xx, a timeout: `is_unreadable`)
+is tried again and then ends the run (`RestoreFailed`), never skipped.
 
 Runs that evaluate held-out accuracy save it as the checkpoint's orbax metric: the manager
 (`best_metric=`) keeps the best one on disk besides the last `keep`, and `load(workdir, "best")`
@@ -41,20 +44,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
-import os
 import re
 import time
 from typing import Any, Callable
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
 from igpt_jax import attention as attention_lib
 from igpt_jax import faults
+from igpt_jax import hosts
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
@@ -108,10 +111,11 @@ def manager(workdir: str, *, keep: int | None = 3, save_every: int = 1, read_onl
 
 
 def make_meta(cfg: model_lib.IGPTConfig, palette, step: int, config: dict | None = None,
-              loop: dict | None = None) -> dict:
-  return {"model": cfg.to_dict(), "palette": np.asarray(palette, np.float32).tolist(),
-          "step": int(step), "data_position": int(step), "config": config or {},
-          "loop": loop or {}}
+              loop: dict | None = None, data: dict | None = None) -> dict:
+  """A checkpoint's JSON record; data: the training loop's record of its data stream."""
+  meta = {"model": cfg.to_dict(), "palette": np.asarray(palette, np.float32).tolist(),
+          "step": int(step), "config": config or {}, "loop": loop or {}}
+  return {**meta, "data": data} if data is not None else meta
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, *,
@@ -291,12 +295,81 @@ def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None, done: int | N
                              newest_good_step(mngr.directory))
 
 
+# A read that fails for a reason outside the checkpoint (the storage answering 5xx, a timeout,
+# a lost connection, memory) is tried RESTORE_TRIES times in all, waiting RESTORE_WAIT_S, then
+# twice that, ... in between (5 + 10 + 20 s); then RestoreFailed, with nothing set aside.
+RESTORE_TRIES = 4
+RESTORE_WAIT_S = 5.0
+
+# A checkpoint itself at fault: TensorStore's codes for missing, cut or corrupt data, orbax's
+# words for a missing item, an unfinished step, a tree or shapes other than the target's.
+_UNREADABLE = re.compile(r"\b(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE): |was not found in the checkpoint|"
+                         r"Found incomplete checkpoint|tree structures do not match|"
+                         r"is not compatible with the stored shape")
+# Passing failures, whatever else the error says. An error in neither list counts as passing
+# too: a checkpoint is set aside only when it is known to be bad.
+_PASSING = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED)\b|"
+                      r"response code: (5\d\d|429)")
+
+
+class RestoreFailed(faults.Fault):
+  """A checkpoint that could not be read for a reason outside it (the run's one error line)."""
+  status = faults.RESTORE_FAILED
+
+
+def _first_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def is_unreadable(error: BaseException) -> bool:
+  """Whether a failed read says the checkpoint is bad (missing or corrupt files, bad JSON, a
+  tree or shapes other than the target's) rather than the storage or the host failing."""
+  chain = []
+  while error is not None and len(chain) < 16:  # the error, what it was raised from, ...
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  if any(isinstance(e, (TimeoutError, ConnectionError, MemoryError)) or _PASSING.search(str(e))
+         for e in chain):
+    return False
+  return any(isinstance(e, (FileNotFoundError, json.JSONDecodeError)) or
+             _UNREADABLE.search(str(e)) for e in chain)
+
+
+@functools.cache  # one per process, as a manager keeps its own
+def _reader() -> ocp.Checkpointer:
+  """Reads for this process alone. orbax's own restore ends in a barrier of every process, where
+  a process that failed to read leaves the others waiting (and, once it has read an older step,
+  meets them there); `newest_readable` has the processes agree instead."""
+  alone = ocp.options.MultiprocessingOptions(primary_host=None,
+                                             active_processes={jax.process_index()})
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(multiprocessing_options=alone)),
+                          multiprocessing_options=alone)
+
+
 def _read(mngr: ocp.CheckpointManager, step: int, **items):
-  """mngr.restore of the named items of step; any failure is an UnreadableCheckpoint."""
-  try:
-    return mngr.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, missing files...
-    raise UnreadableCheckpoint(step, e) from e
+  """The named items of step, read by this process alone.
+
+  UnreadableCheckpoint when the checkpoint is at fault (`is_unreadable`); any other failure is
+  tried again (RESTORE_TRIES, RESTORE_WAIT_S), then is a RestoreFailed.
+  """
+  directory = paths.path(mngr.directory) / str(step)
+  for attempt in range(1, RESTORE_TRIES + 1):
+    try:
+      return _reader().restore(directory, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, OS, GCS errors...
+      if is_unreadable(e):
+        raise UnreadableCheckpoint(step, e) from e
+      if attempt == RESTORE_TRIES:
+        where = f" on process {jax.process_index()}" if jax.process_count() > 1 else ""
+        raise RestoreFailed(
+            f"checkpoint {directory} could not be read{where}, {RESTORE_TRIES} tries "
+            f"({_first_line(e)}); nothing was set aside: rerun the same command once the storage "
+            "answers") from e
+      wait = RESTORE_WAIT_S * 2 ** (attempt - 1)
+      logging.warning("reading checkpoint %s failed (%s); try %d of %d in %.1f s", directory,
+                      _first_line(e), attempt + 1, RESTORE_TRIES, wait)
+      time.sleep(wait)
 
 
 def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -305,41 +378,62 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 def newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any],
                     set_aside: str | None = None):
-  """-> (step, read(step)) for the newest step whose read does not raise UnreadableCheckpoint.
+  """-> (step, read(step)) for the newest step that every process of the job reads.
 
-  Each unreadable step is logged as a warning; once a readable one is found, the newer
-  unreadable ones are moved into the folder `set_aside` if given. With none readable, one
-  FileNotFoundError naming every step tried and why (and nothing moved).
+  Called by every process. Each tries the newest step not yet ruled out and tells the others
+  (`hosts.share`) whether it could: a step one of them cannot read (UnreadableCheckpoint) is
+  skipped by all, with a warning naming it, the process and why. Once a step reads everywhere,
+  the newer ones skipped are moved into the folder `set_aside` if given, once. Any other
+  failure of a read (RestoreFailed after its tries, a checkpoint of another model) stops every
+  process, nothing moved. With none readable, one FileNotFoundError naming every step tried and
+  why (nothing moved).
   """
+  n = jax.process_count()
+  who = lambda i: f" by process {i} of {n}" if n > 1 else ""
   failures = []
-  for step in sorted(mngr.all_steps(), reverse=True):
+  for step in sorted(set().union(*hosts.share("checkpoint steps", mngr.all_steps())),
+                     reverse=True):
+    result, error, told = None, None, {}
     try:
       result = read(step)
     except UnreadableCheckpoint as e:
-      failures.append(e)
-      logging.warning("checkpoint %s/%d cannot be read, skipping it (%s)", mngr.directory, step,
-                      e)
+      told = {"unreadable": str(e)}
+    except Exception as e:  # pylint: disable=broad-except  # raised below, once told
+      error, told = e, {"error": str(e) if isinstance(e, RestoreFailed) else (
+          f"process {jax.process_index()} of {n} stopped reading checkpoint "
+          f"{mngr.directory}/{step}: {_first_line(e)}")}
+    outcomes = hosts.share(f"read checkpoint {step}", told)
+    if error is not None:
+      raise error
+    for outcome in outcomes:  # another process's failure: the same line here
+      if "error" in outcome:
+        raise RestoreFailed(outcome["error"])
+    bad = [(i, o["unreadable"]) for i, o in enumerate(outcomes) if "unreadable" in o]
+    for i, why in bad:
+      logging.warning("checkpoint %s/%d cannot be read%s, skipping it (%s)", mngr.directory,
+                      step, who(i), why)
+    if bad:
+      failures.append((step, "; ".join(f"{why}{who(i)}" for i, why in bad)))
       continue
-    for bad in failures if set_aside else ():
-      logging.warning("moved unreadable checkpoint %d to %s", bad.step,
-                      _set_aside(mngr, bad.step, set_aside))
+    for bad_step, _ in failures if set_aside else ():
+      logging.warning("moved unreadable checkpoint %d to %s", bad_step,
+                      _set_aside(mngr, bad_step, set_aside))
     return step, result
-  raise FileNotFoundError(f"no readable checkpoint in {mngr.directory}: "
-                          + ("; ".join(map(str, failures)) if failures else "no steps present"))
+  raise FileNotFoundError(f"no readable checkpoint in {mngr.directory}: " + (
+      "; ".join(why for _, why in failures) if failures else "no steps present"))
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int, folder: str) -> str:
-  """Moves step's directory into folder (process 0; every process waits for it)."""
-  dest = paths.path(folder) / str(step)
-  if jax.process_index() == 0:
-    n = 1
+  """Moves step's directory into folder: process 0 moves it, the others wait; -> where to."""
+  def move() -> str:
+    dest, n = paths.path(folder) / str(step), 1
     while dest.exists():  # the same step may go bad twice
       dest, n = paths.path(folder) / f"{step}.{n}", n + 1
     paths.move(paths.path(mngr.directory) / str(step), dest)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    return str(dest)
+  dest = hosts.from_process_0(f"set aside checkpoint {step}", move)
   mngr.reload()
-  return str(dest)
+  return dest
 
 
 def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None:
@@ -361,16 +455,20 @@ def check_compatible(saved: dict, cfg: model_lib.IGPTConfig, where: str) -> None
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_params, abstract_opt_state,
-            cfg: model_lib.IGPTConfig, step: int | None = None, set_aside: str | None = None):
+            cfg: model_lib.IGPTConfig, step: int | None = None, set_aside: str | None = None,
+            check: Callable[[dict, str], None] | None = None):
   """-> (params, opt_state, meta) of step (default: the newest readable one; see
   `newest_readable`), placed like the abstract targets.
 
   abstract_*: trees of jax.ShapeDtypeStruct with shardings, so arrays land sharded directly.
-  A checkpoint of another model is a ValueError, never skipped.
+  A checkpoint of another model is a ValueError, never skipped; so is one that check(meta,
+  where) refuses (it runs before the arrays are read).
   """
   def read(step):
     meta = _read_meta(mngr, step)
     check_compatible(meta["model"], cfg, f"{mngr.directory}/{step}")
+    if check is not None:
+      check(meta, f"{mngr.directory}/{step}")
     out = _read(mngr, step, params=ocp.args.StandardRestore(abstract_params),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state))
     return out["params"], out["opt_state"], meta
@@ -443,7 +541,8 @@ def _read_one(mngr, step: int | None, read: Callable[[int], Any]):
 
 
 def read_meta(workdir: str, step: int | str | None = None) -> dict:
-  """The JSON record of a checkpoint: model, palette, step, data_position, config, loop."""
+  """The JSON record of a checkpoint: model, palette, step, config, loop and (training loop)
+  data: {"stream": what fixes the data stream, "examples_per_host": read of it so far}."""
   mngr, step = _open(workdir, step)
   meta = _read_one(mngr, step, lambda s: _read_meta(mngr, s))
   mngr.close()

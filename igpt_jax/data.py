@@ -15,10 +15,12 @@ copy of another image of the same batch (the first good one after it), so batch 
 function of (seed, k) and resumes stay exact; an eval row is left out like a padding row. With
 skip_bad_files=False the first such file is a ValueError naming it.
 
-Train streams are a pure function of (data_cfg, seed, host): epoch e is the host slice shuffled with
-seed (seed, e), and every random augmentation is a stateless op seeded by (seed, position of the
-example in the stream). Batch k is therefore known without running batches 0..k-1, and
-`start_step=k` resumes exactly there (only the encoded records of the current epoch are skipped).
+Train streams are a pure function of (data_cfg, seed, batch_size, host layout): epoch e is the host
+slice shuffled with seed (seed, e), and every random augmentation is a stateless op seeded by
+(seed, row of the example in the global stream: batch k's rows are k * batch_size onward, host
+i's share of them from i * batch_size / process_count), so no two hosts share a draw. Batch k is
+therefore known without running batches 0..k-1, and `start_step=k` resumes exactly there (only
+the encoded records of the current epoch are skipped).
 
 TensorFlow is imported lazily (GPU and TPU hosts may lack it) and kept off the accelerators.
 Listings, `.npz` files and the palette go through the project's path layer (`igpt_jax.paths`);
@@ -39,7 +41,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from igpt_jax import console
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 
@@ -461,10 +462,15 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
                         reshuffle_each_iteration=False)
 
     first = start_step * local_batch  # position in the stream of this host's next example
+
+    def global_row(i):  # this host's example i is row i % local_batch of its batch i // local_batch
+      return i // local_batch * batch_size + process_index * local_batch + i % local_batch
+
     ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
     ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
     ds = ds.enumerate(start=first).map(
-        lambda i, ex: {**tokens(ex["image"], ex["label"], tf.stack([tf.cast(seed, tf.int64), i])),
+        lambda i, ex: {**tokens(ex["image"], ex["label"],
+                                tf.stack([tf.cast(seed, tf.int64), global_row(i)])),
                        "ok": ex.get("ok", True)},
         num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True)
@@ -520,40 +526,3 @@ def load_images(data_cfg, split: str, max_images: int | None = None, *,
   if not images:
     raise ValueError(f"split {split!r} of {cfg['name']!r} is empty")
   return np.stack(images), np.array(labels, np.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# The palette of a run: the one recipe behind launch/train.py and launch/fit_palette.py.
-
-PALETTE_IMAGES = 5000  # training images whose pixels fit a run's palette
-
-
-def fit_split_palette(data_cfg, split: str, *, n_px: int | None, k: int,
-                      images: int = PALETTE_IMAGES, n_pixels: int = 0, steps: int = 300,
-                      seed: int = 0) -> np.ndarray:
-  """k-means palette of the first `images` images of split, at n_px as the tokenizer sees them.
-
-  n_pixels > 0 fits a random sample of that many of their pixels (seeded) instead of all.
-  """
-  pixels = load_images(data_cfg, split, images, n_px=n_px)[0].reshape(-1, 3)
-  if 0 < n_pixels < len(pixels):
-    pixels = pixels[np.random.default_rng(seed).choice(len(pixels), n_pixels, replace=False)]
-  return palette_lib.fit_palette(pixels, k, steps=steps, seed=seed)
-
-
-def run_palette(config, workdir: str, k: int, n_px: int) -> np.ndarray:
-  """config.palette if set, else workdir/palette.npy, fitted there from the training split
-  (`fit_split_palette` defaults, config.seed) when it is missing."""
-  path = config.palette or paths.path(workdir) / "palette.npy"
-  if not paths.path(path).exists():
-    if config.palette:
-      raise FileNotFoundError(f"palette file {path} not found (launch/fit_palette.py fits one; "
-                              "an empty config.palette fits one into the workdir)")
-    with console.status(f"fitting a {k}-colour palette to {config.data['name']} "
-                        f"{config.data.train_split}"):
-      palette = fit_split_palette(config.data, config.data.train_split, n_px=n_px, k=k,
-                                  seed=config.seed)
-    if jax.process_index() == 0:
-      palette_lib.save_palette(path, palette)
-    return palette
-  return palette_lib.load_palette(path, k=k)

@@ -74,7 +74,7 @@ def _held_out(config, cfg, mesh, eval_batches) -> Evaluator:
   loss_step = steps_lib.make_eval_step(cfg)
   accuracy_step = _accuracy_step(cfg, config.k_masks) if config.init_workdir else None
 
-  def step(params, batch, rng):  # BERT: the loss and the votes see the same masks
+  def step(params, batch, rng):  # BERT: the loss sees the first vote's mask (finetune.mask_keys)
     loss, examples = loss_step(params, batch, rng)
     out = {"loss": loss, "examples": examples}
     return out if accuracy_step is None else {**out, **accuracy_step(params, batch, rng)}

@@ -11,7 +11,9 @@
 Exit statuses (docs/faults.md): 0 done (or preempted after a good save); 1 any other error,
 with its traceback; SAVE_FAILED (74, sysexits' EX_IOERR) a checkpoint could not be written:
 fix the storage, rerun the same command; PEER_LOST (75, EX_TEMPFAIL) a process of a
-multi-process job was lost: restart the job, it resumes from the newest checkpoint.
+multi-process job was lost: restart the job, it resumes from the newest checkpoint;
+RESTORE_FAILED (75 too) reading a checkpoint kept failing for a reason outside it (a 5xx, a
+timeout): rerun the same command once the storage answers.
 
 Why os._exit: after a failed save orbax leaves coroutines whose finalizers print tracebacks
 while Python shuts down, and with a peer gone jax's exit handler waits on the coordination
@@ -34,6 +36,7 @@ import jax
 
 SAVE_FAILED = 74
 PEER_LOST = 75
+RESTORE_FAILED = 75  # EX_TEMPFAIL too: the storage kept failing while a checkpoint was read
 # How long survivors wait for each other to answer the roll call that names the lost process.
 ROLL_CALL_S = 5.0
 # What a collective or the coordination service says when a peer process went away: Gloo (CPU),

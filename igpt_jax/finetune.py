@@ -9,6 +9,7 @@ BERT models draw fresh masks at eval too; `k_masks` > 1 predicts the modal class
   with_classifier(cfg, params, n_classes) -> (cfg, params)   head added, zero
   loss_fn(cfg, gen_weight) -> fn(params, batch, rng)          for steps.make_train_step
   predict(cfg, params, tokens, rng, k_masks) -> [B] classes
+  mask_keys(rng, k_masks) -> [k] keys of the masks that vote (the first: rng, the loss's)
   make_eval_step(cfg, k_masks) -> eval(params, batch, rng) -> (correct, count)
 """
 
@@ -74,8 +75,14 @@ def predict(cfg: model_lib.IGPTConfig, params, tokens, rng, k_masks: int = 1) ->
   votes = jax.lax.map(
       lambda key: jax.nn.one_hot(jnp.argmax(_classify(cfg, params, tokens, key)[1], -1),
                                  cfg.n_classes),
-      jax.random.split(rng, k_masks))  # [k, B, C]
+      mask_keys(rng, k_masks))  # [k, B, C]
   return jnp.argmax(votes.sum(0), -1)
+
+
+def mask_keys(rng: jax.Array, k_masks: int) -> jax.Array:
+  """The keys of the k masks a BERT prediction votes over [k]. The first is rng itself: the mask
+  an evaluation of the loss with rng draws (steps.example_losses) is the first vote's."""
+  return jnp.concatenate([rng[None], jax.random.split(rng, k_masks - 1)])
 
 
 def make_eval_step(cfg: model_lib.IGPTConfig, k_masks: int = 1) -> Callable:

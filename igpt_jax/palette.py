@@ -9,6 +9,7 @@ array in [-1, 1] and loads here as is.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,8 @@ def load_palette(path: paths.PathLike, k: int | None = None) -> np.ndarray:
   if not paths.path(path).exists():
     raise ValueError(f"palette file {path} does not exist (fit one with launch/fit_palette.py)")
   return check_palette(paths.load_npy(path), k)
+
+
+def digest(palette) -> str:
+  """A short fingerprint of a palette's float32 values: equal for the same palette, bit for bit."""
+  return hashlib.sha256(check_palette(palette).tobytes()).hexdigest()[:16]

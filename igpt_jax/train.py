@@ -14,8 +14,9 @@ Every field it reads is defined, with a comment, in experiments/base.py. Two mod
   (`checkpoint.load(workdir, "best")`); config.patience evaluations without a gain stop the run.
 
 Both modes share everything else: state created (or restored) directly in its sharded layout
-on the config's mesh; resume from the workdir's newest readable checkpoint (an unreadable one is
-moved to workdir/unreadable_checkpoints/ with a warning) at the exact data position; SIGTERM (or
+on the config's mesh; resume from the workdir's newest checkpoint that every process reads (an
+unreadable one is moved to workdir/unreadable_checkpoints/ with a warning) at the exact data
+position, refused when the data stream would change (`_check_stream`); SIGTERM (or
 orbax's multi-host preemption signal) saves at the next step boundary and exits; a non-finite
 step stops the run naming the last good checkpoint; so does a failed async save, at the first
 step after orbax reports it (`checkpoint.SaveFailed`), and a collective that fails because a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import signal
 import threading
 import time
@@ -52,6 +54,7 @@ from igpt_jax import data as data_lib
 from igpt_jax import evaluators as evaluators_lib
 from igpt_jax import faults
 from igpt_jax import finetune as finetune_lib
+from igpt_jax import fit_palette as fit_palette_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
@@ -153,7 +156,7 @@ def _model(config, workdir: str):
   """-> (cfg, palette, initial params or None for a fresh init): the mode's starting point."""
   if not config.init_workdir:
     cfg = model_lib.model_config(config.model)
-    return cfg, data_lib.run_palette(config, workdir, cfg.vocab_size, cfg.n_px), None
+    return cfg, fit_palette_lib.run_palette(config, workdir, cfg.vocab_size, cfg.n_px), None
   step = config.init_step or None
   meta = ckpt_lib.read_meta(config.init_workdir, step)
   cfg = model_lib.IGPTConfig.from_dict(meta["model"])
@@ -172,23 +175,65 @@ def _model(config, workdir: str):
 
 
 def _check_batch_size(config, mesh) -> None:
+  """The batch, and each of its accum_steps microbatches, split evenly over the batch shards (a
+  microbatch that does not is gathered whole and split again at every step: XLA warns of an
+  "involuntary full rematerialization")."""
   sharding_lib.check_batch_size(config.batch_size, mesh)
-  if config.batch_size % config.accum_steps:
-    raise ValueError(f"batch_size={config.batch_size} does not split into "
-                     f"accum_steps={config.accum_steps}")
+  batch, n, shards = config.batch_size, config.accum_steps, sharding_lib.batch_shards(mesh)
+  if batch % n:
+    raise ValueError(f"batch_size={batch} does not split into accum_steps={n}")
+  if batch // n % shards:
+    raise ValueError(f"microbatches of {batch // n} rows (batch_size={batch} / accum_steps={n}) "
+                     f"must divide by the {shards} batch shards (data x fsdp of mesh "
+                     f"{dict(mesh.shape)})")
 
 
-def _restore(mngr, workdir: str, cfg, tx, mesh, shardings):
-  """-> (state or None, its step, EarlyStopping) from the newest readable checkpoint."""
+def _stream(config, cfg, palette) -> dict:
+  """What fixes the training stream (`data.make_dataset`: batch k is a function of these and
+  k), as checkpoints record it: a resume that would change it is refused (`_check_stream`)."""
+  data = {**data_lib.DEFAULTS, **dict(config.data)}
+  return {"batch_size": config.batch_size, "process_count": jax.process_count(),
+          "seed": config.seed, "n_px": cfg.n_px, "palette": palette_lib.digest(palette),
+          **{k: data[k] for k in ("name", "train_split", "augment", "shuffle_buffer")}}
+
+
+def _data_record(stream: dict, step: int) -> dict:
+  """A checkpoint's record of its data: the stream, and the examples each host has read of it."""
+  return {"stream": stream,
+          "examples_per_host": step * stream["batch_size"] // stream["process_count"]}
+
+
+def _check_stream(meta: dict, stream: dict, where: str, allow: bool) -> None:
+  """ValueError naming each field of the data stream where checkpoint `where` and this run
+  differ, unless allow (config.allow_data_change): then a warning naming them."""
+  saved = meta.get("data", {}).get("stream")
+  if saved is None:
+    logging.warning("checkpoint %s does not record its data stream (written before checkpoints "
+                    "did): resuming it on this run's stream, unchecked", where)
+    return
+  now = json.loads(json.dumps(stream))  # as the checkpoint holds it
+  changed = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+                      if saved.get(k) != v)
+  if changed and not allow:
+    raise ValueError(f"checkpoint {where} was trained on another data stream ({changed}): "
+                     "resuming would not continue it. Rerun with the checkpoint's values, or use "
+                     "another --workdir, or pass --config.allow_data_change=True to go on with "
+                     "the new stream")
+  if changed:
+    logging.warning("config.allow_data_change: resuming checkpoint %s on another data stream "
+                    "(%s), from its batch %d", where, changed, meta["step"])
+
+
+def _restore(mngr, workdir: str, cfg, tx, mesh, shardings, check):
+  """-> (state or None, its step, EarlyStopping) from the newest readable checkpoint, whose
+  meta check(meta, where) may refuse (before its arrays are read)."""
   if not mngr.all_steps():
     return None, 0, EarlyStopping()
   abstract = steps_lib.abstract_train_state(cfg, tx, mesh)
   params, opt_state, meta = ckpt_lib.restore(
       mngr, abstract.params, abstract.opt_state, cfg,
-      set_aside=paths.path(workdir) / "unreadable_checkpoints")
+      set_aside=paths.path(workdir) / "unreadable_checkpoints", check=check)
   start = meta["step"]
-  if meta["data_position"] != start:
-    raise ValueError(f"checkpoint {start} records data position {meta['data_position']}")
   state = steps_lib.TrainState(step=jax.device_put(jnp.int32(start), shardings.step),
                                params=params, opt_state=opt_state)
   logging.info("resumed from step %d of %s", start, mngr.directory)
@@ -327,7 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
       faults.peer_watch(pending.last_completed, newest), ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)
-    state, start, record = _restore(mngr, workdir, cfg, tx, mesh, shardings)
+    stream = _stream(config, cfg, palette)
+    state, start, record = _restore(mngr, workdir, cfg, tx, mesh, shardings, lambda meta, where:
+                                    _check_stream(meta, stream, where, config.allow_data_change))
     # The input comes before any compile: a bad dataset or split stops the run at once.
     train_iter, eval_batches = _datasets(config, cfg, palette, start)
     if state is None:
@@ -354,7 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last = scalars or last
       if save or preempted or accuracy is not None:
         _save(mngr, step, state, accuracy, ckpt_lib.make_meta(
-            configured, palette, step, ckpt_lib.to_jsonable(config), dataclasses.asdict(record)))
+            configured, palette, step, ckpt_lib.to_jsonable(config), dataclasses.asdict(record),
+            _data_record(stream, step)))
       if preempted or (accuracy is not None and record.stop(config.patience)):
         _end_early(mngr, step, preempted, record)
         break

@@ -6,7 +6,7 @@ r"""Fits the k-colour palette (k-means on RGB in [-1, 1]) to pixels of a trainin
 
 With --config, the data, split and resolution come from `config.data` and `config.model.n_px`;
 --data names a dataset (tfds name or local path) directly. The recipe is
-`data.fit_split_palette`, the one launch/train.py uses: pixels of the first --images images of
+`igpt_jax.fit_palette.fit_split_palette`, the one launch/train.py uses: pixels of the first --images images of
 the split at the model's resolution, as the tokenizer will see them (here a random --n_pixels of
 them; launch/train.py fits all).
 """
@@ -22,6 +22,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from igpt_jax import data
+from igpt_jax import fit_palette
 from igpt_jax import palette as palette_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (uses .data, .model).")
@@ -48,7 +49,7 @@ def main(argv):
   n_px = _N_PX.value or (config.model.get("n_px") if config is not None else None)
   with console.status(f"fitting {_K.value} colours to up to {_N_PIXELS.value} pixels of the first "
                       f"{_IMAGES.value} images ({dict(data_cfg)['name']} {split}, n_px {n_px})"):
-    palette = data.fit_split_palette(data_cfg, split, n_px=n_px, k=_K.value,
+    palette = fit_palette.fit_split_palette(data_cfg, split, n_px=n_px, k=_K.value,
                                      images=_IMAGES.value, n_pixels=_N_PIXELS.value,
                                      steps=_STEPS.value, seed=_SEED.value)
   pixels = data.load_images(data_cfg, split, _IMAGES.value, n_px=n_px)[0]

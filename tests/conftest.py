@@ -117,6 +117,56 @@ def launch_pair(files, workdir, *overrides):  # pylint: disable=redefined-outer-
   return procs
 
 
+def run_pair(*args, timeout: float = 300) -> list[dict]:
+  """tests/pair_process.py ARGS as processes 0 and 1 of one job, one CPU device each; -> the
+  JSON each printed last, in process order. A process that fails, or is still running after
+  timeout seconds (a hang), fails the test with its stderr."""
+  port, procs = free_port(), []
+  for i in range(2):
+    env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "pair_process.py"),
+                                   *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  outs, deadline = [], time.monotonic() + timeout
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      errs = [q.communicate()[1][-2000:] for q in procs]
+      pytest.fail(f"the pair still ran after {timeout} s (a hang): {errs}")
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  return outs
+
+
+PAIR_MODEL = dict(n_px=4, n_layer=2, n_embd=16, n_head=2, vocab_size=16)  # pair_process.py's
+
+
+def save_train_states(workdir, steps) -> dict:
+  """A PAIR_MODEL train state checkpointed at each of steps as the loop saves it (params moved
+  by the step, so each step's differ); -> {step: the sum of its wte}."""
+  # pylint: disable=import-outside-toplevel  (jax after the XLA flags above)
+  import jax
+  from igpt_jax import checkpoint, model as model_lib, sharding, steps as steps_lib
+  cfg = model_lib.IGPTConfig(**PAIR_MODEL)
+  mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  tx = steps_lib.make_optimizer(1e-3, 10)
+  state = steps_lib.create_train_state(cfg, tx, mesh, jax.random.key(0))
+  mngr, sums = checkpoint.manager(str(workdir), keep=None), {}
+  for step in steps:
+    params = jax.tree.map(lambda p, s=step: p + s, state.params)
+    checkpoint.save(mngr, step, params, state.opt_state,
+                    checkpoint.make_meta(cfg, np.zeros((16, 3), np.float32), step), force=True)
+    sums[step] = float(np.asarray(params["wte"], np.float64).sum())
+  mngr.wait_until_finished()
+  mngr.close()
+  return sums
+
+
 def finish_pair(procs) -> list[str]:
   """Waits for both processes; -> their stderr, after checking that both exited cleanly."""
   errs = [p.communicate(timeout=600)[1] for p in procs]  # start-up is slow on a loaded host

@@ -1,8 +1,11 @@
 """Checkpoints: weights-only round trip, full train-state restore, refusal of another model."""
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from igpt_jax import checkpoint
@@ -81,7 +84,7 @@ def test_restore_train_state_sharded(tmp_path):
   abstract = steps.abstract_train_state(CFG, tx, mesh)
   params, opt_state, meta = checkpoint.restore(checkpoint.manager(str(tmp_path)),
                                                abstract.params, abstract.opt_state, CFG)
-  assert meta["step"] == meta["data_position"] == 3 and meta["config"] == {"lr": 1e-3}
+  assert meta["step"] == 3 and meta["config"] == {"lr": 1e-3}
   assert_trees_equal(params, state.params)
   assert_trees_equal(opt_state, state.opt_state)
   assert params["wte"].sharding == abstract.params["wte"].sharding
@@ -114,3 +117,84 @@ def test_best_checkpoint_is_kept_and_loaded(tmp_path):
   assert checkpoint.best_step(str(tmp_path)) == 2
   _, got, _ = checkpoint.load(str(tmp_path), "best")
   assert_trees_equal(got, jax.tree.map(lambda p: p + 2, params))
+
+
+# What TensorStore and orbax raised here for each fault (tests/pair_process.py injects two).
+ZARR = 'Error opening "zarr" driver: Error reading "wte/.zarray" in OCDBT database at "{}/"'
+
+
+@pytest.mark.parametrize("error, unreadable", [
+    (ValueError("OUT_OF_RANGE: " + ZARR), True),  # a truncated array file
+    (ValueError("DATA_LOSS: " + ZARR), True),  # zeroed bytes, a corrupt manifest
+    (ValueError("NOT_FOUND: " + ZARR), True),  # an array file gone
+    (KeyError('Item "params" was not found in the checkpoint. Available items: [meta]'), True),
+    (json.JSONDecodeError("Expecting property name enclosed in double quotes", "{x", 1), True),
+    (FileNotFoundError("Checkpoint at /w/checkpoints/6 not found."), True),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do not "
+                "match:"), True),
+    (ValueError("Requested shape: (2, 16, 32) is not compatible with the stored shape: "
+                "(2, 8, 16)."), True),
+    (ValueError("UNAVAILABLE: " + ZARR + ": HTTP response code: 503 with body: "), False),
+    (ValueError("DEADLINE_EXCEEDED: " + ZARR), False),
+    (ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.1GiB"), False),
+    (ValueError("INTERNAL: " + ZARR + ": HTTP response code: 500"), False),
+    (TimeoutError("timed out"), False),
+    (ConnectionResetError(104, "Connection reset by peer"), False),
+    (MemoryError(), False),
+    (RuntimeError("an error never seen before"), False),  # unknown: never set aside
+])
+def test_unreadable_checkpoints_are_told_from_passing_failures(error, unreadable):
+  assert checkpoint.is_unreadable(error) == unreadable
+  try:
+    try:
+      raise error
+    except BaseException as e:  # pylint: disable=broad-except
+      raise RuntimeError("restore failed") from e  # how orbax may wrap it
+  except RuntimeError as wrapped:
+    assert checkpoint.is_unreadable(wrapped) == unreadable
+
+
+@pytest.fixture
+def failing_reads(monkeypatch):
+  """Reads of the train state fail like a GCS 503, `times[0]` times; -> times."""
+  monkeypatch.setattr(checkpoint, "RESTORE_WAIT_S", 0.01)
+  real, times = ocp.StandardCheckpointHandler.restore, [0]
+
+  def restore(self, directory, *args, **kwargs):
+    if times[0] > 0:
+      times[0] -= 1
+      raise ValueError(f"UNAVAILABLE: {ZARR.format(directory)}: HTTP response code: 503")
+    return real(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", restore)
+  return times
+
+
+def restore_newest(workdir, cfg=CFG, tx=None):
+  mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
+  abstract = steps.abstract_train_state(cfg, tx or steps.make_optimizer(1e-3, 10), mesh)
+  return checkpoint.restore(checkpoint.manager(str(workdir)), abstract.params,
+                            abstract.opt_state, cfg, set_aside=str(workdir / "aside"))
+
+
+def test_storage_failing_for_a_while_is_retried(tmp_path, failing_reads, caplog):
+  state, _, _ = saved_run(str(tmp_path))
+  failing_reads[0] = checkpoint.RESTORE_TRIES - 1
+  with caplog.at_level("WARNING"):
+    params, _, meta = restore_newest(tmp_path)
+  assert meta["step"] == 3 and failing_reads[0] == 0
+  assert_trees_equal(params, state.params)
+  assert "HTTP response code: 503); try 2 of 4 in 0.0 s" in caplog.text
+  assert not (tmp_path / "aside").exists()
+
+
+def test_storage_failing_for_good_stops_the_restore_in_one_line_nothing_set_aside(
+    tmp_path, failing_reads):
+  saved_run(str(tmp_path), step=3)
+  saved_run(str(tmp_path), step=6)
+  failing_reads[0] = 100
+  with pytest.raises(checkpoint.RestoreFailed, match=r"checkpoint .*/checkpoints/6 could not be "
+                     r"read, 4 tries \(ValueError: UNAVAILABLE: .*503\); nothing was set aside: "
+                     r"rerun the same command once the storage answers"):
+    restore_newest(tmp_path)  # not step 3: step 6 is not known to be bad
+  assert checkpoint.manager(str(tmp_path)).all_steps() == [3, 6]
+  assert not (tmp_path / "aside").exists() and failing_reads[0] == 100 - 4

@@ -88,10 +88,12 @@ def test_train_stream_is_a_function_of_seed(npz):
 
 
 @pytest.mark.parametrize("start_step", [3, 7])  # mid-epoch, and into the second epoch
-def test_resume_continues_the_stream_exactly(npz, start_step):
+@pytest.mark.parametrize("host", [(0, 1), (1, 2)])  # (process_index, process_count)
+def test_resume_continues_the_stream_exactly(npz, start_step, host):
   cfg = {**npz, "augment": "cifar", "shuffle_buffer": 8}
-  full = _take(_tokens(cfg, batch_size=5, seed=3), start_step + 3)
-  resumed = _take(_tokens(cfg, batch_size=5, seed=3, start_step=start_step), 3)
+  kw = dict(batch_size=6, seed=3, process_index=host[0], process_count=host[1])
+  full = _take(_tokens(cfg, **kw), start_step + 3)
+  resumed = _take(_tokens(cfg, start_step=start_step, **kw), 3)
   for x, y in zip(full[start_step:], resumed):
     np.testing.assert_array_equal(x["labels"], y["labels"])
     np.testing.assert_array_equal(x["tokens"], y["tokens"])  # same augmentation draws too
@@ -103,6 +105,22 @@ def test_hosts_read_disjoint_halves(npz):
   assert all(len(set(e)) == 12 for e in epoch)  # one full pass of 12 examples each
   assert not set(epoch[0]) & set(epoch[1])
   assert set(epoch[0]) | set(epoch[1]) == set(range(24))
+
+
+def test_hosts_draw_their_own_augmentations(cifar10_sample, tmp_path):
+  """64 copies of one real image, augment "cifar": rows differ only by their random crop and
+  flip, so a host that repeats another's draws repeats its rows."""
+  np.savez(tmp_path / "same.npz", images=np.repeat(cifar10_sample[0][:1], 64, axis=0),
+           labels=np.zeros(64, np.int32))
+  cfg = {"name": str(tmp_path / "same.npz"), "augment": "cifar", "shuffle_buffer": 64}
+  first = [next(_tokens(cfg, batch_size=16, n_px=32, process_index=i, process_count=2))["tokens"]
+           for i in (0, 1)]  # [8, 1024] each: the two halves of global batch 0
+  within = len({row.tobytes() for row in first[0]})
+  assert within >= 7, within  # one host's rows are (nearly all) different draws
+  same_rows = sum(np.array_equal(a, b) for a, b in zip(*first))
+  assert same_rows <= 1, f"{same_rows} of 8 rows of process 1 repeat process 0's draws"
+  rows = {row.tobytes() for f in first for row in f}
+  assert len(rows) >= 14, len(rows)  # the global batch: 16 draws, not 2 copies of 8
 
 
 def test_eval_hosts_yield_equal_batch_counts(npz):

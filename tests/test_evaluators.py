@@ -1,6 +1,8 @@
 """The loop's evaluators built from the config, their shared batched reducer, and the loop's
 schedule and early-stopping record."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,31 @@ def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
   losses = np.concatenate([steps.example_losses(cfg, params, b["tokens"], None)[b["valid"]]
                            for b in batches])  # 7 valid rows
   np.testing.assert_allclose(got["eval_loss"], losses.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k_masks", [1, 3])
+def test_bert_held_out_loss_sees_the_mask_of_the_first_vote(monkeypatch, k_masks):
+  """Fine-tuning a BERT model: eval_loss is computed under the mask of the first of the k_masks
+  votes of eval_accuracy (with one vote: the same mask)."""
+  cfg = CFG.replace(objective="bert", n_classes=5 + k_masks)  # its own: predict traces anew
+  drawn, real = [], model_lib.draw_bert_mask
+
+  def draw(rng, shape, *args, **kwargs):  # records (who drew it, the mask) as it runs
+    mask, who = real(rng, shape, *args, **kwargs), inspect.stack()[1].function
+    jax.debug.callback(lambda m: drawn.append((who, np.asarray(m))), mask)
+    return mask
+  monkeypatch.setattr(model_lib, "draw_bert_mask", draw)
+  params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
+  batch = {"tokens": np.random.default_rng(0).integers(0, 16, (4, cfg.n_ctx), dtype=np.int32),
+           "labels": np.arange(4, dtype=np.int32), "valid": np.ones(4, bool)}
+  config = base.get_config()
+  config.init_workdir, config.k_masks = "/a/pretrained/run", k_masks
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, "/nonexistent",
+                                           lambda: iter([batch])) if e.name == "held_out"]
+  held_out.fn(params, 10)
+  loss_masks = [m for who, m in drawn if who == "example_losses"]
+  votes = [m for who, m in drawn if who == "_classify"]
+  assert len(loss_masks) == 1 and len(votes) == k_masks
+  assert any(np.array_equal(loss_masks[0], v) for v in votes)
+  assert len({v.tobytes() for v in votes}) == k_masks  # each vote its own mask

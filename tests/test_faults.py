@@ -23,8 +23,10 @@ from igpt_jax import console
 from igpt_jax import data
 from igpt_jax import faults
 from igpt_jax import metrics as metrics_lib
+from igpt_jax import paths
 from igpt_jax import train
-from conftest import REPO, TINY, free_port, tiny_config
+from conftest import (GCS_BUCKET, REPO, TINY, free_port, run_pair, save_train_states,
+                      tiny_config)
 
 # pylint: disable=redefined-outer-name,protected-access
 
@@ -304,3 +306,44 @@ def test_a_slow_save_with_every_process_present_is_waited_for(tmp_path, monkeypa
   monkeypatch.setattr(faults, "lost_processes", lambda tag: calls.append(tag) or [])
   checkpoint._wait_for_peers(_SaveInFlight(tmp_path, 1.0), 8, 8)  # pylint: disable=protected-access
   assert calls[:2] == ["save_8_1", "save_8_2"] and len(calls) >= 3  # one tag per roll call
+
+
+# -- a checkpoint that one process cannot read, or the storage failing for a while ---------------
+
+
+@pytest.fixture(params=["local", "bucket"])
+def two_steps(request, tmp_path):
+  """A workdir (local, or in the GCS emulator's bucket) with checkpoints 3 and 6 of a train
+  state; -> (workdir, {step: sum of wte})."""
+  workdir = tmp_path
+  if request.param == "bucket":
+    request.getfixturevalue("gcs")
+    workdir = paths.path(f"gs://{GCS_BUCKET}/{tmp_path.name}")
+  return workdir, save_train_states(workdir, [3, 6])
+
+
+def restored(outs, sums) -> int:
+  """The step both processes restored (the same one, with that step's parameters)."""
+  assert all("step" in o for o in outs), outs
+  assert outs[0]["step"] == outs[1]["step"], outs
+  step = outs[0]["step"]
+  assert sum(o["wte_sum"] for o in outs) == pytest.approx(sums[step], rel=1e-6)  # two halves
+  return step
+
+
+@pytest.mark.slow
+def test_newest_unreadable_on_one_process_only_both_restore_the_older_one(two_steps):
+  workdir, sums = two_steps
+  outs = run_pair("restore", workdir, "--unreadable_on=1", "--unreadable_step=6")
+  assert restored(outs, sums) == 3
+  assert all(o["set_aside"] == ["6"] and o["steps"] == [3] for o in outs), outs  # moved once
+  assert [p.name for p in (workdir / "unreadable_checkpoints").iterdir()] == ["6"]
+
+
+@pytest.mark.slow
+def test_storage_failing_for_a_while_during_restore_is_retried_nothing_set_aside(two_steps):
+  workdir, sums = two_steps
+  outs = run_pair("restore", workdir, "--transient_on=0", "--transient_step=6",
+                  "--transient_times=2")
+  assert restored(outs, sums) == 6
+  assert all(o["set_aside"] == [] and o["steps"] == [3, 6] for o in outs), outs

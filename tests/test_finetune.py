@@ -75,7 +75,8 @@ def test_bert_k_mask_prediction_is_the_modal_class():
   got = finetune.predict(cfg, params, tokens, rng, k_masks=k)
   per_mask = np.stack([np.argmax(model_lib.IGPT(cfg).apply(
       {"params": params}, tokens, model_lib.draw_bert_mask(key, tokens.shape),
-      method=model_lib.IGPT.classify)[1], -1) for key in jax.random.split(rng, k)])  # [k, B]
+      method=model_lib.IGPT.classify)[1], -1)
+      for key in [rng, *jax.random.split(rng, k - 1)]])  # [k, B]: the first mask is rng's
   modal = [np.argmax(np.bincount(col, minlength=3)) for col in per_mask.T]
   np.testing.assert_array_equal(got, modal)
   assert len({tuple(p) for p in per_mask}) > 1  # the masks do change predictions

@@ -43,6 +43,19 @@ def test_two_processes_train_as_one_job(uninterrupted_pair):
 
 
 @pytest.mark.slow
+def test_two_processes_draw_their_own_augmentations(files, tmp_path, cifar10_sample):
+  """A source of 64 copies of one real image, augment "cifar": the rows of the hosts' first
+  batch differ only by their random crops and flips, so equal checksums mean equal draws."""
+  np.savez(tmp_path / "same.npz", images=np.repeat(cifar10_sample[0][:1], 64, axis=0),
+           labels=np.zeros(64, np.int32))
+  errs = finish_pair(launch_pair(files, tmp_path / "run", f"--config.data.name={tmp_path}/same.npz",
+                                 "--config.data.augment=cifar", "--config.total_steps=1",
+                                 "--config.checkpoint_every=0", "--config.eval_every=0"))
+  crcs = first_batch_crcs(errs)
+  assert crcs[0] != crcs[1], crcs
+
+
+@pytest.mark.slow
 def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair):
   procs = launch_pair(files, tmp_path)
   while all(p.poll() is None for p in procs):

@@ -1,9 +1,11 @@
-"""The palette on real CIFAR-10 pixels: nearest-centre property, round trip, k-means progress."""
+"""The palette on real CIFAR-10 pixels: nearest-centre property, round trip, k-means progress;
+one palette per job."""
 
 import numpy as np
 import pytest
 
 from igpt_jax import palette as P
+from conftest import run_pair
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,14 @@ def test_bad_input_is_refused_clearly():
     P.dequantize(np.full((1, 16), 8), palette, 4)
   with pytest.raises(ValueError, match="n_px=5"):
     P.dequantize(np.zeros((1, 16), int), palette, 5)
+
+
+@pytest.mark.slow
+def test_a_job_fits_one_palette_on_process_0_and_every_process_reads_it(cifar10_sample,
+                                                                         tmp_path):
+  np.savez(tmp_path / "images.npz", images=cifar10_sample[0][:64], labels=cifar10_sample[1][:64])
+  outs = run_pair("palette", tmp_path / "run", f"--data={tmp_path / 'images.npz'}")
+  assert [o["fitted"] for o in outs] == [True, False]  # process 1 waited for process 0's
+  saved = P.load_palette(tmp_path / "run" / "palette.npy")
+  for o in outs:  # bit for bit the file's
+    np.testing.assert_array_equal(np.asarray(o["palette"], np.float32), saved)

@@ -93,6 +93,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(files, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(batch_size=6), "batch_size=6"),
+    # 8 devices: microbatches of 16 / 4 = 4 rows would each be gathered whole on every device.
+    (dict(batch_size=16, accum_steps=4), r"microbatches of 4 rows \(batch_size=16 / "
+                                         r"accum_steps=4\) must divide by the 8 batch shards"),
     (dict(model=dict(n_px=4, n_layers=2, n_embd=32, n_head=2, vocab_size=16)), "n_layers"),
     (dict(model=dict(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=32)), "palette"),
 ])
@@ -157,6 +160,45 @@ def test_unreadable_newest_checkpoint_is_skipped(files, tmp_path, caplog):
   assert checkpoint.manager(run, read_only=True).all_steps() == [10, 20, 30]  # none moved
 
 
+@pytest.mark.slow
+def test_resume_on_another_data_stream_is_refused_before_any_step(files, tmp_path, caplog):
+  config = lambda **kw: tiny_config(files, eval_every=0, sample_every=0, **kw)
+  train.train_and_evaluate(config(total_steps=4, checkpoint_every=4), str(tmp_path))
+  with pytest.raises(ValueError, match=r"checkpoint .*/checkpoints/4 was trained on another data "
+                     r"stream \(batch_size: checkpoint 8, now 16\): resuming would not continue "
+                     r"it\. .*--config\.allow_data_change=True"):
+    train.train_and_evaluate(config(total_steps=8, batch_size=16), str(tmp_path))
+  assert max(metrics_lib.read(tmp_path)) == 4  # not one step on the new stream
+  assert checkpoint.steps(str(tmp_path)) == [4]
+  with caplog.at_level("WARNING"):
+    train.train_and_evaluate(config(total_steps=6, batch_size=16, allow_data_change=True),
+                             str(tmp_path))
+  assert re.search(r"allow_data_change: resuming checkpoint .*/4 on another data stream "
+                   r"\(batch_size: checkpoint 8, now 16\), from its batch 4", caplog.text)
+  assert checkpoint.read_meta(str(tmp_path))["data"] == {
+      "stream": {**checkpoint.read_meta(str(tmp_path), 4)["data"]["stream"], "batch_size": 16},
+      "examples_per_host": 6 * 16}
+
+
+check = train._check_stream  # pylint: disable=protected-access
+
+
+def test_the_data_stream_check_names_every_change():
+  meta = {"step": 9, "data": {"stream": {"batch_size": 8, "seed": 0, "train_split": "train",
+                                         "palette": "ab"}}}
+  now = {"batch_size": 8, "seed": 1, "train_split": "train[:100]", "palette": "ab"}
+  with pytest.raises(ValueError, match=r"\(seed: checkpoint 0, now 1, train_split: checkpoint "
+                                       r"'train', now 'train\[:100\]'\)"):
+    check(meta, now, "w/9", allow=False)
+  check(meta, meta["data"]["stream"], "w/9", allow=False)  # unchanged: no error
+
+
+def test_a_checkpoint_without_a_data_record_resumes_with_a_warning(caplog):
+  with caplog.at_level("WARNING"):
+    check({"step": 9}, {"batch_size": 8}, "w/9", allow=False)
+  assert "checkpoint w/9 does not record its data stream" in caplog.text
+
+
 # -- end to end through launch/train.py, with preemption ------------------------------------
 
 
@@ -202,7 +244,10 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
     assert proc.returncode == -signal.SIGKILL
   resumed_from = checkpoint.manager(str(tmp_path), read_only=True).latest_step()
   assert 10 <= resumed_from < STEPS
-  assert checkpoint.read_meta(str(tmp_path))["data_position"] == resumed_from
+  stream = checkpoint.read_meta(str(tmp_path))["data"]
+  assert stream["examples_per_host"] == resumed_from * 8  # tiny batches of 8, one process
+  assert {k: stream["stream"][k] for k in ("batch_size", "process_count", "seed", "n_px")} == {
+      "batch_size": 8, "process_count": 1, "seed": 0, "n_px": 4}
   proc = launch(files, tmp_path)
   _, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
