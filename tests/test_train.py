@@ -72,9 +72,16 @@ def test_eval_step_ignores_padding():
   tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
   per_example = steps.example_losses(cfg, params, tokens, None)
   valid = jnp.array([True, True, False, False])
-  total, count = steps.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
-  assert float(count) == 2
-  np.testing.assert_allclose(total, per_example[:2].sum(), rtol=1e-6)
+  sums = steps.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
+  assert float(sums["examples"]) == 2
+  np.testing.assert_allclose(sums["loss"], per_example[:2].sum(), rtol=1e-6)
+  # By position: the valid rows' token losses, which average to the same loss.
+  logits = model_lib.IGPT(cfg).apply({"params": params}, tokens)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
+  np.testing.assert_allclose(sums["position_loss"], ce[:2].sum(0), rtol=1e-5)
+  np.testing.assert_array_equal(sums["position_count"], np.full(cfg.n_ctx, 2.0))
+  np.testing.assert_allclose(sums["position_loss"].sum() / sums["position_count"].sum(),
+                             sums["loss"] / sums["examples"], rtol=1e-5)
 
 
 @pytest.mark.slow
