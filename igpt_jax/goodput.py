@@ -368,20 +368,24 @@ def plot(procs: list[Process], summary: dict, path: paths.PathLike) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, (whole, over_time, steps) = plt.subplots(3, 1, figsize=(9, 9),
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
+  fig, (whole, over_time, steps) = plt.subplots(3, 1, figsize=(9, 8.5),
                                                 gridspec_kw=dict(height_ratios=(1, 3, 3)))
   wall = summary["wall_s"]
   causes = [("step", summary["productive_s"])] + sorted(
       ((c, v) for c, v in summary["badput_s"].items() if v > 0), key=lambda cv: -cv[1])
   left = 0.0
   for cause, seconds in causes:
-    whole.barh(0, seconds, left=left, color=COLOURS[cause], label=f"{cause} {seconds:.0f} s")
+    whole.barh(0, seconds, left=left, color=COLOURS[cause])
+    if seconds > 0.06 * wall:
+      whole.text(left + seconds / 2, 0, f"{cause}\n{100 * seconds / wall:.0f}%", ha="center",
+                 va="center", fontsize=8, color="white")
     left += seconds
   whole.set_yticks([])
   whole.set_xlim(0, max(wall, left))
   whole.set_xlabel("seconds of the job's wall time")
-  whole.set_title(f"goodput {100 * (summary['goodput'] or 0):.1f}% of {wall:.0f} s", fontsize=10)
-  whole.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.9))
+  whole.set_title(f"goodput {100 * (summary['goodput'] or 0):.1f}% of {wall:.0f} s "
+                  f"({len(procs)} process{'es' if len(procs) > 1 else ''})", fontsize=10)
   t0 = procs[0].start["started"]
   for p in procs:
     for r in p.records():
@@ -395,10 +399,9 @@ def plot(procs: list[Process], summary: dict, path: paths.PathLike) -> None:
         bottom += share
   over_time.set_xlim(0, wall)
   over_time.set_ylim(0, 1)
-  over_time.set_xlabel("seconds since the job started (one bar per metrics row)")
+  over_time.set_xlabel("seconds since the job started (a bar per metrics row, as wide as its "
+                       "interval)")
   over_time.set_ylabel("share of the interval")
-  handles = [matplotlib.patches.Patch(color=COLOURS[c], label=c) for c in CATEGORIES]
-  over_time.legend(handles=handles, ncol=5, fontsize=7, loc="lower right")
   timed = sorted((s, t) for p in procs for r in p.rows for s, t in r.get("step_times", []))
   if timed:
     steps.scatter([s for s, _ in timed], [t for _, t in timed], s=3, color=COLOURS["step"])
@@ -408,10 +411,15 @@ def plot(procs: list[Process], summary: dict, path: paths.PathLike) -> None:
       steps.annotate(str(s), (s, t), fontsize=7, textcoords="offset points", xytext=(0, 4),
                      ha="center")
     steps.set_yscale("log")
-    steps.legend(fontsize=8)
-  steps.set_xlabel("step")
+    steps.legend(fontsize=8, loc="upper right")
+  steps.xaxis.set_major_locator(MaxNLocator(integer=True))
+  steps.set_xlabel("step (labels: the slowest)")
   steps.set_ylabel("step time (s)")
   steps.grid(alpha=0.3)
-  fig.tight_layout()
+  shown = [c for c in (*CATEGORIES, "lost", "down")
+           if c == "step" or summary["badput_s"].get(c, 0) > 0]
+  fig.legend(handles=[matplotlib.patches.Patch(color=COLOURS[c], label=c) for c in shown],
+             loc="lower center", ncol=len(shown), fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   paths.write_with(path, lambda f: fig.savefig(f, dpi=110, format="png"))
   plt.close(fig)

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import goodput
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import steps
@@ -192,6 +193,17 @@ def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
   assert "probe_vs_loss.png" in files
   assert any(f.startswith("events.out.tfevents") for f in files)
   assert f"samples_{STEPS:07d}.png" in files
+  assert {f for f in files if f.startswith("loss_by_pixel")} == {
+      "loss_by_pixel_0000030.png", f"loss_by_pixel_{STEPS:07d}.png"}
+  # Every row splits its interval by where the time went; the rows and the end record cover
+  # the process from its start, and the summary has a cause for every second.
+  assert all(f"time_{c}_s" in r for r in metrics.values() for c in goodput.CATEGORIES)
+  assert all(0 < r["goodput"] < 1 for r in metrics.values())
+  summary = goodput.summarize(goodput.load(uninterrupted))
+  [run] = summary["processes"]
+  assert run["ended"] and run["last_step"] == STEPS and run["first_step_s"] > 0
+  assert abs(summary["unaccounted_s"]) < 0.01 * summary["wall_s"]
+  assert summary["steps"]["timed"] == STEPS
   cfg, params, palette = checkpoint.load(str(uninterrupted))
   assert cfg.n_px == 4 and palette.shape == (16, 3)
   assert checkpoint.manager(str(uninterrupted), read_only=True).latest_step() == STEPS
@@ -219,6 +231,16 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_allclose([got[s]["train_loss"] for s in after],
                              [want[s]["train_loss"] for s in after], rtol=0, atol=1e-6)
+  # The job's account: the steps the first process trained past its checkpoint were lost
+  # (SIGKILL: they are trained again); SIGTERM saved where it stopped, so none were.
+  summary = goodput.summarize(goodput.load(tmp_path))
+  first, second = summary["processes"]
+  assert second["resumed_from"] == resumed_from and second["ended"]
+  assert first["ended"] == (sig == signal.SIGTERM)
+  assert first["lost_steps"] == first["last_step"] - resumed_from
+  assert (summary["badput_s"]["lost"] > 0) == (first["lost_steps"] > 0)
+  if sig == signal.SIGTERM:
+    assert first["lost_steps"] == 0
 
 
 @pytest.mark.slow
