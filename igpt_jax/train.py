@@ -153,10 +153,9 @@ class _Timing:
     self.flops_per_step = model_lib.flops_per_token(cfg) * self.tokens_per_step
     self.devices = mesh.size
     self.peak, where = chips.peak_flops(config.peak_flops, mesh.devices.flat[0], cfg.dtype)
-    logging.info("%.3g TFLOP per step (model.flops_per_token); MFU against %s", 
-                 self.flops_per_step / 1e12,
-                 "nothing: " + where if self.peak is None else
-                 f"{self.peak / 1e12:.4g} TFLOP/s per device ({where})")
+    logging.info("%.3g TFLOP per step (model.flops_per_token); %s", self.flops_per_step / 1e12,
+                 f"no MFU: {where}" if self.peak is None else
+                 f"MFU against {self.peak / 1e12:.4g} TFLOP/s per device ({where})")
     self.record = goodput_lib.Record(workdir, active=jax.process_index() == 0)
     started = time.time() - ledger.elapsed()
     self.job_started, self.earlier = goodput_lib.job_so_far(goodput_lib.load(workdir), started,
