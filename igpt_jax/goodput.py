@@ -238,7 +238,10 @@ class Process:
 
   @property
   def last_time(self) -> float:
-    return (self.end or (self.rows[-1] if self.rows else self.start))["time"]
+    """Its last record's time; its start for one that wrote no row (what it did until the
+    next one started is all `down`)."""
+    records = self.records()
+    return records[-1]["time"] if records else self.start["started"]
 
   def records(self) -> list[dict]:
     return self.rows + ([self.end] if self.end else [])

@@ -163,6 +163,11 @@ def test_goodput_counts_steps_trained_again_as_lost_and_the_gap_as_down():
   # The live figure of process 1 at its start: process 0's steps that count, from its start.
   assert goodput.job_so_far(goodput.processes(records[:3]), 30.0, 15) == (0.0, 13.0)
   assert goodput.job_so_far([], 30.0, 0) == (30.0, 0.0)
+  # A process that died before its first row: its whole life is down time.
+  records[3:3] = rows(("start", 22.0, 15))
+  summary = goodput.summarize(goodput.processes(records))
+  assert summary["badput_s"]["down"] == 10.0 and summary["unaccounted_s"] == 0.0
+  assert [p["wall_s"] for p in summary["processes"]] == [20.0, 0.0, 20.0]
 
 
 @pytest.mark.slow
@@ -273,7 +278,8 @@ def test_a_hung_step_ends_the_run_with_the_stacks_and_one_line(files, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_restart_loads_its_programs_from_the_compilation_cache(files, tmp_path):
+def test_a_restart_loads_its_programs_from_the_compilation_cache(files, tmp_path, monkeypatch):
+  monkeypatch.setattr(console, "CACHE_MIN_COMPILE_S", 0.0)  # however fast the machine compiles
   hits = []
   jax.monitoring.register_event_listener(
       lambda event, **_: hits.append(event) if event.endswith("cache_hits") else None)
