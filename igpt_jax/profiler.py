@@ -8,7 +8,7 @@ is traced with `jax.profiler` on the processes `pcfg.processes` (empty: all). Th
 outputs are waited for before the trace stops, so it holds the window's device work. A trace
 lands in workdir/plugins/profile/<run>/: <host>.xplane.pb, which TensorBoard's profile plugin
 and XProf open when pointed at the workdir (the same directory as the run's scalars), and
-<host>.trace.json.gz, which Perfetto (ui.perfetto.dev) opens. In a bucket the trace is written
+perfetto_trace.json.gz, which Perfetto (ui.perfetto.dev) opens. In a bucket the trace is written
 to a local temporary directory, then copied up (the profiler writes local files only).
 """
 
@@ -71,7 +71,7 @@ class Profiler:
         shutil.rmtree(self._local, ignore_errors=True)
     logging.info("profile of steps %d-%d (process %d) written to %s: TensorBoard's profile tab "
                  "or XProf with --logdir %s; Perfetto (ui.perfetto.dev) opens its "
-                 ".trace.json.gz", self._first, self._stop_at, jax.process_index(),
+                 "perfetto_trace.json.gz", self._first, self._stop_at, jax.process_index(),
                  ", ".join(where) or "(nothing written)", self.workdir)
     self._stop_at = None
 

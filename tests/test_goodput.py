@@ -209,7 +209,7 @@ def test_a_profile_of_chosen_steps_lands_in_the_workdir_with_the_train_step(file
   train.train_and_evaluate(config, str(tmp_path))
   [trace] = xplane_files(tmp_path)
   assert b"jit_train_step" in trace.read_bytes()
-  [perfetto] = trace.parent.glob("*.trace.json.gz")
+  perfetto = trace.parent / "perfetto_trace.json.gz"
   assert b"jit_train_step" in gzip.decompress(perfetto.read_bytes())
   rows_ = metrics_lib.read(tmp_path)
   parts = [k for k in rows_[25] if k.startswith("time_")]
