@@ -170,7 +170,6 @@ def test_goodput_counts_steps_trained_again_as_lost_and_the_gap_as_down():
   assert [p["wall_s"] for p in summary["processes"]] == [20.0, 0.0, 20.0]
 
 
-@pytest.mark.slow
 def test_summary_command_prints_and_draws(tmp_path):
   for record in rows(("start", 0.0, 0), ("row", 10.0, 10, 8.0, 2.0), ("end", 11.0, 10, 0, 1)):
     metrics_lib.append_jsonl(tmp_path / goodput.FILE, record, fresh=False)
@@ -298,7 +297,6 @@ def test_a_restart_loads_its_programs_from_the_compilation_cache(files, tmp_path
   assert hits
 
 
-@pytest.mark.slow
 def test_importing_the_library_leaves_the_compilation_cache_alone():
   code = ("import jax, igpt_jax.train, igpt_jax.goodput, igpt_jax.profiler, igpt_jax.chips; "
           "print(jax.config.jax_compilation_cache_dir)")
