@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The FLOPs formula lives with the model (the plan tool uses it too); benches read it from here.
+# The FLOPs formula lives with the model and the matmul peak with the chips (the plan tool and
+# the training loop use them too); benches read them from here.
+from igpt_jax.chips import measured_peak as peak_flops  # pylint: disable=unused-import
 from igpt_jax.model import IGPTConfig, flops_per_token, matmul_params  # pylint: disable=unused-import
 
 
@@ -23,17 +25,6 @@ def best_seconds(fn, reps: int) -> float:
     fn()
     best = min(best, time.perf_counter() - t0)
   return best
-
-
-def peak_flops(dtype: str = "float32", n: int | None = None, reps: int = 5) -> float:
-  """FLOP/s of the best of `reps` jitted [n, n] @ [n, n] matmuls on the default device.
-
-  n defaults to 2048 on CPU (already at the BLAS plateau) and 8192 on accelerators.
-  """
-  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-  a = jnp.ones((n, n), dtype)
-  mm = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / best_seconds(lambda: mm(a).block_until_ready(), reps)
 
 
 def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:

@@ -80,6 +80,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.allow_data_change = False
   c.sample_every = 0  # PNG grid of samples and half-image completions (AR models only)
 
+  # Watching the run (docs/training.md, "Where the time goes"; docs/faults.md, "A hang").
+  # Peak FLOP/s of one device for the MFU in the log: 0 takes chips.CHIPS's for the device and
+  # compute dtype (none on a CPU, so no MFU there), > 0 is that figure, -1 measures a matmul at
+  # the start (chips.measured_peak).
+  c.peak_flops = 0.0
+  # faults.watchdog: a train step that does not complete within timeout_s seconds of the last
+  # one ends the run with every thread's stack, one line and status 124 (faults.HUNG). 0: 100 x
+  # the median step, at least 120 s; -1: no watchdog. A compile, an evaluation, a save, a
+  # restore and the first step have phase_s instead. A step over `straggler` x the median of
+  # the last 100 is logged as a straggler (0: never).
+  c.watchdog = dict(timeout_s=0.0, phase_s=3600.0, straggler=5.0)
+  # jax.profiler traces (igpt_jax/profiler.py) of `steps` steps from start_step (0: none), again
+  # every `period` steps when > 0, on the processes listed (empty: every one), into
+  # workdir/plugins/profile/ for TensorBoard, XProf and Perfetto. port > 0 also starts jax's
+  # profiler server there, for captures on demand.
+  c.profile = dict(start_step=0, steps=5, period=0, processes=(0,), port=0)
+  # jax's persistent compilation cache, on each host's own disk (~ is that host's home): a
+  # restart loads the programs its previous run compiled. "" turns it off.
+  c.compilation_cache = "~/.cache/igpt_jax/xla"
+
   # More periodic evaluators (igpt_jax/evaluators.py), by name; the held-out loss, accuracy and
   # sample grids above are the loop's own. Each entry's `type` picks its kind and `every` its
   # period (0: never; also at the last step); the other fields are the kind's.

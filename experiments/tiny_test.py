@@ -21,4 +21,5 @@ def get_config():
   c.eval_every = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 20
+  c.compilation_cache = ""  # tests compile from scratch, whatever ran on the machine before
   return c

@@ -1,6 +1,7 @@
 """What a launch script prints: our own lines, real warnings, and progress of the long steps.
 
   setup()                          first statement of every launch script, before its imports
+  compilation_cache(directory)     jax's persistent compilation cache there ("": off)
   progress(iterable, desc, total)  a tqdm bar over a loop (feature batches, probe fits)
   status(desc)                     elapsed time of one blocking call (a k-means fit, a decode)
   first_call(fn, desc)             fn whose first call, the one jax compiles, shows a status
@@ -202,6 +203,26 @@ def setup() -> None:
       getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
   absl_logging.get_absl_handler().addFilter(_ConsoleFilter())
   _quiet_abandoned_writes()
+
+
+# Programs that compile faster than this are not worth a file each (jax's default is 1 s,
+# which would leave out the small models' train steps on a CPU).
+CACHE_MIN_COMPILE_S = 0.2
+
+
+def compilation_cache(directory: str) -> None:
+  """Turns jax's persistent compilation cache on at directory (~ expanded; local or gs://) or,
+  for "", off: a restart then loads its programs instead of compiling them. Call at launch,
+  before the first compile."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=import-outside-toplevel
+  directory = os.path.expanduser(directory) if directory else None
+  if directory != jax.config.jax_compilation_cache_dir:
+    cache.reset_cache()  # jax reads the directory once, at its first compile
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+  if directory:
+    absl_logging.info("persistent compilation cache: %s", directory)
 
 
 class _Lines:

@@ -7,13 +7,16 @@
   exit_done()              a launch script's last call: leave the job, exit_now(0)
   PeerLost, peer_watch()   a collective failed because a process of the job is gone
   last_completed(...)      the last step whose results exist, for PeerLost's line
+  watchdog(deadline, line) a hang: every thread's stack to the log, one line, exit HUNG
 
 Exit statuses (docs/faults.md): 0 done (or preempted after a good save); 1 any other error,
 with its traceback; SAVE_FAILED (74, sysexits' EX_IOERR) a checkpoint could not be written:
 fix the storage, rerun the same command; PEER_LOST (75, EX_TEMPFAIL) a process of a
 multi-process job was lost: restart the job, it resumes from the newest checkpoint;
 RESTORE_FAILED (75 too) reading a checkpoint kept failing for a reason outside it (a 5xx, a
-timeout): rerun the same command once the storage answers.
+timeout): rerun the same command once the storage answers; HUNG (124, what GNU timeout exits
+with) no train step completed within the watchdog's time: restart the job, it resumes from the
+newest checkpoint.
 
 Why os._exit: after a failed save orbax leaves coroutines whose finalizers print tracebacks
 while Python shuts down, and with a peer gone jax's exit handler waits on the coordination
@@ -25,10 +28,12 @@ shutdown loses nothing.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -37,6 +42,7 @@ import jax
 SAVE_FAILED = 74
 PEER_LOST = 75
 RESTORE_FAILED = 75  # EX_TEMPFAIL too: the storage kept failing while a checkpoint was read
+HUNG = 124
 # How long survivors wait for each other to answer the roll call that names the lost process.
 ROLL_CALL_S = 5.0
 # What a collective or the coordination service says when a peer process went away: Gloo (CPU),
@@ -152,3 +158,35 @@ def last_completed(pending, synced: int) -> int:
       break
     synced = step
   return synced
+
+
+@contextlib.contextmanager
+def watchdog(deadline: Callable[[], tuple[float | None, str]], line: Callable[[str], str],
+             poll_s: float = 1.0):
+  """Ends the process when the block hangs: deadline() -> (time.perf_counter() time after which
+  the run is hung, or None; what it waits for), asked every poll_s from a thread of its own.
+  Past it, the stack of every thread goes to stderr (faulthandler: the Python frames, also of a
+  thread blocked in XLA), then line(what) as the run's one error line, and the process exits
+  HUNG, so that a scheduler restarts the job."""
+  stop = threading.Event()
+
+  def watch():
+    while not stop.wait(poll_s):
+      when, what = deadline()
+      if when is not None and time.perf_counter() > when and not stop.is_set():
+        logging.error("the run is hung (%s); the stacks of every thread follow", what)
+        for handler in logging.getLogger().handlers:
+          handler.flush()
+        try:
+          faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor
+          faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        logging.error("%s", line(what))
+        exit_now(HUNG)
+
+  thread = threading.Thread(target=watch, name="igpt-watchdog", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()

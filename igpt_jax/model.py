@@ -182,6 +182,10 @@ def flops_per_token(cfg: IGPTConfig, *, backward: bool = True) -> float:
 
   N = `matmul_params`; the attention term counts the full [T, T] score and value matmuls (no
   causal discount), so blocked attention that skips the upper triangle shows up as higher MFU.
+  This is the one FLOP count of the project (plan estimates, the loop's MFU and TFLOP/s, the
+  benches), PaLM's convention, kept so that MFUs compare with the plan table and with figures
+  published that way. MaxText since 2025 counts causal attention at half (6 N + 6 L T D); at
+  iGPT-S 32x32 (T 1024, D 512) that count is 12.5% lower, and so would its MFU be.
   """
   n, attn = matmul_params(cfg), cfg.n_layer * cfg.n_ctx * cfg.n_embd
   return 6 * n + 12 * attn if backward else 2 * n + 4 * attn

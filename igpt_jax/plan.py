@@ -40,6 +40,7 @@ import ml_collections
 from jax.experimental import topologies
 
 from igpt_jax import attention as attention_lib
+from igpt_jax import chips
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import model as model_lib
 from igpt_jax import probe as probe_lib
@@ -53,21 +54,16 @@ PROGRAMS = ("train", "eval", "extract", "sample", "finetune")
 # paper fine-tunes (its size barely matters next to the model).
 FINETUNE_CLASSES = 1000
 
-# Public per-chip specs: HBM (GiB) and peak dense bf16 FLOP/s.
-TPUS = {
-    "v4": (32, 275e12),
-    "v5e": (16, 197e12),
-    "v5p": (95, 459e12),
-    "v6e": (32, 918e12),
-}
-# NVIDIA GPUs: XLA's target config (in gpu_targets/; its device_memory_size is the HBM), peak
-# dense 16-bit FLOP/s (bf16; the V100's fp16, it has no bf16 units), and NVLink bandwidth per
-# GPU and direction (bytes/s).
+# The TPU generations a plan compiles for (their HBM and peaks: chips.CHIPS).
+TPUS = tuple(name for name, chip in chips.CHIPS.items() if chip.platform == "tpu")
+# NVIDIA GPUs: XLA's target config (in gpu_targets/; its device_memory_size is the HBM) and
+# NVLink bandwidth per GPU and direction (bytes/s); their peaks are in chips.CHIPS (the V100's
+# 16-bit peak is fp16: it has no bf16 units).
 GPUS = {
-    "h100": ("h100_sxm.txtpb", 989e12, 450e9),
-    "h200": ("h200.txtpb", 989e12, 450e9),
-    "a100": ("a100_sxm_80.txtpb", 312e12, 300e9),
-    "v100": ("v100.txtpb", 125e12, 150e9),
+    "h100": ("h100_sxm.txtpb", 450e9),
+    "h200": ("h200.txtpb", 450e9),
+    "a100": ("a100_sxm_80.txtpb", 300e9),
+    "v100": ("v100.txtpb", 150e9),
 }
 # Between GPU hosts: one 400 Gb/s InfiniBand / RoCE NIC per GPU (the usual 8-GPU node).
 NETWORK_BYTES_PER_S = 50e9
@@ -94,7 +90,7 @@ def _gpu_target(name: str, generation: str, shape: str) -> Target:
     raise ValueError(f"topology {name!r}: GPUs are named <gpu>:<per host> or <gpu>:<hosts>x<per "
                      "host>, e.g. h100:8 or h100:4x8")
   hosts, per_host = (int(n) for n in (shape if "x" in shape else f"1x{shape}").split("x"))
-  config_file, peak, nvlink = GPUS[generation]
+  config_file, nvlink = GPUS[generation]
   with open(os.path.join(GPU_TARGETS, config_file)) as f:
     text = f.read()
   try:
@@ -104,7 +100,8 @@ def _gpu_target(name: str, generation: str, shape: str) -> Target:
     raise RuntimeError(f"GPU plans need the CUDA compiler plugin and cuDNN: pip install -e "
                        f"'.[gpu-plan]' ({type(e).__name__}: {str(e).splitlines()[0]})") from e
   field = lambda name: int(re.search(rf"{name}:\s*(\d+)", text).group(1))
-  return Target(name, tuple(desc.devices), "gpu", field("device_memory_size"), peak,
+  return Target(name, tuple(desc.devices), "gpu", field("device_memory_size"),
+                chips.CHIPS[generation].bf16,
                 gpus_per_host=per_host, nvlink_bytes_per_s=nvlink,
                 hbm_bytes_per_s=field("memory_bandwidth"))
 
@@ -126,8 +123,9 @@ def target(topology: str, slices: int = 1) -> Target:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"num_slices": slices} if slices > 1 else {}
   desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
-  hbm_gib, peak = TPUS[generation]
-  return Target(topology, tuple(desc.devices), "tpu", hbm_gib * GIB, peak, slices=slices)
+  chip = chips.CHIPS[generation]
+  return Target(topology, tuple(desc.devices), "tpu", chip.hbm_gib * GIB, chip.bf16,
+                slices=slices)
 
 
 # -- the programs -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ benchmarks build on these.
   example_losses(cfg, params, tokens, rng) -> [B] nats/token
   loss_fn(cfg) -> fn(params, batch, rng) -> (loss, metrics)
   make_train_step(loss_fn, tx, shardings, accum_steps=1, seed=0) -> step(state, batch)
-  make_eval_step(cfg) -> eval(params, batch, rng) -> (sum of losses, number of examples)
+  make_eval_step(cfg) -> eval(params, batch, rng) -> {loss, examples, position_loss, ...}
 
 Losses are in nats per token; bits per token = nats / ln 2.
 """
@@ -186,12 +186,17 @@ def token_losses(logits: jax.Array, tokens: jax.Array, bert_mask: jax.Array | No
   return jnp.sum(ce * bert_mask, axis=-1) / jnp.maximum(jnp.sum(bert_mask, axis=-1), 1)
 
 
+def _logits(cfg: model_lib.IGPTConfig, params, tokens: jax.Array, rng: jax.Array):
+  """-> (logits [B, T, V], the BERT mask [B, T] drawn from rng, or None for AR)."""
+  chex.assert_rank(tokens, 2)
+  mask = model_lib.draw_bert_mask(rng, tokens.shape) if cfg.objective == "bert" else None
+  return model_lib.IGPT(cfg).apply({"params": params}, tokens, bert_mask=mask), mask
+
+
 def example_losses(cfg: model_lib.IGPTConfig, params, tokens: jax.Array,
                    rng: jax.Array) -> jax.Array:
   """The pretraining loss per example [B] (nats/token); BERT draws a fresh 15% mask from rng."""
-  chex.assert_rank(tokens, 2)
-  mask = model_lib.draw_bert_mask(rng, tokens.shape) if cfg.objective == "bert" else None
-  logits = model_lib.IGPT(cfg).apply({"params": params}, tokens, bert_mask=mask)  # [B, T, V]
+  logits, mask = _logits(cfg, params, tokens, rng)
   return token_losses(logits, tokens, mask)
 
 
@@ -248,7 +253,7 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, shardings:
     grads, metrics = jax.tree.map(lambda x: x / accum_steps, total)
     return unscale(grads), metrics
 
-  def step(state: TrainState, batch):
+  def train_step(state: TrainState, batch):  # the program's name in traces: jit_train_step
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     loss_scale = isinstance(state.opt_state, LossScaleState)
     grads, metrics = gradients(state.params, batch, rng,
@@ -264,17 +269,25 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, shardings:
       metrics["loss_scale"] = state.opt_state.scale
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, None))
 
 
 def make_eval_step(cfg: model_lib.IGPTConfig) -> Callable:
-  """Jitted `eval(params, batch, rng) -> (sum of per-example losses, valid examples)`.
+  """Jitted `eval(params, batch, rng) -> sums`: `loss` (of the per-example losses), `examples`,
+  and by position (raster order) `position_loss` [T] (summed token losses) and `position_count`
+  [T] (the tokens counted: every valid example's under AR, the masked ones under BERT).
 
   Padded rows (batch["valid"] False) count for nothing.
   """
   @jax.jit
-  def step(params, batch, rng):
-    losses = example_losses(cfg, params, batch["tokens"], rng)
+  def eval_step(params, batch, rng):
+    tokens = batch["tokens"]
+    logits, mask = _logits(cfg, params, tokens, rng)
+    losses = token_losses(logits, tokens, mask)  # [B]
     valid = batch.get("valid", jnp.ones(losses.shape, bool)).astype(jnp.float32)
-    return jnp.sum(losses * valid), jnp.sum(valid)
-  return step
+    weights = valid[:, None] * (jnp.ones(tokens.shape) if mask is None else mask)  # [B, T]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
+    return {"loss": jnp.sum(losses * valid), "examples": jnp.sum(valid),
+            "position_loss": jnp.sum(ce * weights, axis=0),
+            "position_count": jnp.sum(weights, axis=0)}
+  return eval_step

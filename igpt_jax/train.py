@@ -1,7 +1,8 @@
 """The training loop, for pretraining and fine-tuning alike (behind launch/train.py, finetune.py).
 
-  train_and_evaluate(config, workdir) -> the last logged scalars
-  run(config, workdir)   what launch/train.py and launch/finetune.py run: devices, job, the loop
+  train_and_evaluate(config, workdir, started) -> the last logged scalars
+  run(config, workdir)   what launch/train.py and launch/finetune.py run: console, compilation
+                         cache, devices, job, the loop
 
 Every field it reads is defined, with a comment, in experiments/base.py. Two modes:
 - pretraining (config.init_workdir empty): a fresh model from config.model, trained on the
@@ -24,10 +25,15 @@ process of the job is gone (`faults.PeerLost`; docs/faults.md); process 0 writes
 (`step`, `train_loss`, `eval_loss`, `eval_accuracy`, `data_skipped_files`, ...) and TensorBoard
 scalars.
 
-Periodic evaluations come from `evaluators.build` (held-out loss and accuracy, sample grids,
-config.evals): each one's scalars go to metrics.jsonl, TensorBoard and the console line. Every
-periodic action, training's own (log, checkpoint) and the evaluators', is due by one rule
-(`due`); the steps/s figure counts training time only, not evaluations or saves.
+Periodic evaluations come from `evaluators.build` (held-out loss and accuracy, the loss by
+pixel, sample grids, config.evals): each one's scalars go to metrics.jsonl, TensorBoard and the
+console line. Every periodic action, training's own (log, checkpoint) and the evaluators', is
+due by one rule (`due`). A row is written at every log and evaluation step, with the split of
+the time since the previous row by category (igpt_jax/goodput.py: input, step, host, compile,
+eval, checkpoint, ...), the step times, steps/s, tokens/s, TFLOP/s per device and MFU over the
+training part of it (input, step, host), and the job's goodput; process 0 also appends it to
+workdir/goodput.jsonl. A watchdog ends a run whose steps stop completing (faults.watchdog,
+config.watchdog); config.profile traces chosen steps (igpt_jax/profiler.py).
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import signal
+import socket
 import threading
 import time
+from typing import Callable
 import zlib
 
 from absl import logging
@@ -49,16 +58,19 @@ import ml_collections
 import numpy as np
 
 from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import chips
 from igpt_jax import console
 from igpt_jax import data as data_lib
 from igpt_jax import evaluators as evaluators_lib
 from igpt_jax import faults
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import fit_palette as fit_palette_lib
+from igpt_jax import goodput as goodput_lib
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
+from igpt_jax import profiler as profiler_lib
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import steps as steps_lib
 
@@ -133,23 +145,93 @@ class _Pending:
     return window
 
 
-class _TrainClock:
-  """Training seconds since the last rate: stopped while the loop evaluates, logs and saves."""
+class _Timing:
+  """A run's time, as the metrics rows show it: each row's split of the interval since the
+  previous row (goodput.Ledger), its step times (goodput.StepWatch), the rates and MFU over
+  its training time, and the job's goodput so far; this process's goodput.jsonl record."""
 
-  def __init__(self, step: int):
-    self.step, self.seconds, self.since = step, 0.0, time.perf_counter()
+  def __init__(self, config, cfg, mesh, workdir: str, ledger, watch, start: int):
+    self.ledger, self.watch, self.step = ledger, watch, start
+    self.tokens_per_step = config.batch_size * cfg.n_ctx
+    self.flops_per_step = model_lib.flops_per_token(cfg) * self.tokens_per_step
+    self.devices = mesh.size
+    self.peak, where = chips.peak_flops(config.peak_flops, mesh.devices.flat[0], cfg.dtype)
+    logging.info("%.3g TFLOP per step (model.flops_per_token); %s", self.flops_per_step / 1e12,
+                 f"no MFU: {where}" if self.peak is None else
+                 f"MFU against {self.peak / 1e12:.4g} TFLOP/s per device ({where})")
+    self.record = goodput_lib.Record(workdir, active=jax.process_index() == 0)
+    started = time.time() - ledger.elapsed()
+    self.job_started, self.earlier = goodput_lib.job_so_far(goodput_lib.load(workdir), started,
+                                                            start)
+    self.record.write("start", started=started, step=start, host=socket.gethostname(),
+                      pid=os.getpid(), processes=jax.process_count())
+    self.first_step_s = None
 
-  def stop(self) -> None:  # after a host sync, when the dispatched steps have finished
-    self.seconds += time.perf_counter() - self.since
+  def row(self, step: int) -> dict:
+    """The timing scalars of the row at step (its steps' results are fetched)."""
+    parts = self.ledger.interval()
+    times = self.watch.take(step)
+    training = sum(parts[c] for c in goodput_lib.TRAINING)
+    steps_per_s = (step - self.step) / max(training, 1e-9)
+    flops_per_s = steps_per_s * self.flops_per_step / self.devices
+    out = {"steps_per_s": steps_per_s, "tokens_per_s": steps_per_s * self.tokens_per_step,
+           "tflops_per_device": flops_per_s / 1e12,
+           **({"mfu": flops_per_s / self.peak} if self.peak else {}),
+           **{f"time_{c}_s": v for c, v in parts.items()},
+           "goodput": ((self.earlier + self.ledger.totals["step"]) /
+                       max(time.time() - self.job_started, 1e-9))}
+    if times:
+      seconds = [t for _, t in times]
+      out.update(step_time_median_s=float(np.median(seconds)), step_time_max_s=max(seconds))
+    first = {}
+    if self.first_step_s is None and self.watch.first_done is not None:
+      self.first_step_s = first["first_step_s"] = self.ledger.elapsed(self.watch.first_done)
+      logging.info("first train step done %.1f s after the process started",
+                   self.first_step_s)
+    self.record.write("row", step=step, parts=parts, **first,
+                      step_times=[[s, float(f"{t:.4g}")] for s, t in times])
+    self.step = step
+    return out
 
-  def go(self) -> None:
-    self.since = time.perf_counter()
+  def end(self, step: int) -> None:
+    """After the last save: the rest of the time, and this process's whole account."""
+    self.record.write("end", step=step, parts=self.ledger.interval())
+    totals, wall = self.ledger.totals, self.ledger.elapsed()
+    logging.info("this process: %.1f s, %s", wall, _shares(totals, wall))
 
-  def rate(self, step: int) -> float:
-    """Steps per training second since the previous call."""
-    steps_per_s = (step - self.step) / max(self.seconds, 1e-9)
-    self.step, self.seconds = step, 0.0
-    return steps_per_s
+
+def _shares(parts: dict, wall: float) -> str:
+  """'step 81%, eval 12%, ...': the parts of at least 0.5% of wall, largest first."""
+  shown = sorted(((v, c) for c, v in parts.items() if v >= 0.005 * wall), reverse=True)
+  return ", ".join(f"{c} {100 * v / max(wall, 1e-9):.0f}%" for v, c in shown)
+
+
+def _hang_line(ledger, watch, pending: _Pending, newest: Callable[[], int | None]):
+  """line(what) -> the watchdog's error line: which step hung, the newest checkpoint."""
+  def line(what: str) -> str:
+    done = max(watch.last_step or 0, pending.synced)
+    where = (f"step {done + 1} did not complete (the last completed step is {done}; the loop "
+             f"was in {ledger.current})" if ledger.current in goodput_lib.TRAINING else
+             f"the {ledger.current} after step {done} did not finish")
+    return (f"hung: {what}: {where}; newest checkpoint {_within(newest, 10.0)}: exiting with "
+            f"status {faults.HUNG} so that a scheduler restarts the job, which resumes from it")
+  return line
+
+
+def _within(fn: Callable[[], int | None], seconds: float) -> str:
+  """fn()'s answer as 'step N' or 'none', or why there is none: a hung run's storage may hang."""
+  answer = []
+
+  def ask():
+    try:
+      answer.append("none" if (step := fn()) is None else f"step {step}")
+    except Exception as e:  # pylint: disable=broad-except  # the line must still be written
+      answer.append(f"unknown ({type(e).__name__}: {e})")
+
+  thread = threading.Thread(target=ask, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  return answer[0] if answer else f"unknown (the storage did not answer in {seconds:.0f} s)"
 
 
 def _model(config, workdir: str):
@@ -299,12 +381,11 @@ def _skipped_files() -> dict:
   return {"data_skipped_files": n} if n else {}
 
 
-def _train_scalars(window: list[dict], steps_per_s: float, tokens_per_step: int) -> dict:
-  """Means of the fetched steps' metrics (the last gradient norm), rates, skipped files."""
+def _train_scalars(window: list[dict]) -> dict:
+  """Means of the fetched steps' metrics (the last gradient norm), skipped files."""
   scalars = {f"train_{k}": float(np.mean([m[k] for m in window])) for k in window[0]
              if k not in ("grad_norm", "update_norm")}
-  return {**scalars, "grad_norm": float(window[-1]["grad_norm"]), "steps_per_s": steps_per_s,
-          "tokens_per_s": steps_per_s * tokens_per_step, **_skipped_files()}
+  return {**scalars, "grad_norm": float(window[-1]["grad_norm"]), **_skipped_files()}
 
 
 def _evaluate(evaluators, params, step: int) -> dict:
@@ -316,16 +397,19 @@ def _evaluate(evaluators, params, step: int) -> dict:
 
 
 def _report(writer, step: int, total_steps: int, scalars: dict) -> None:
-  """scalars -> metrics.jsonl and TensorBoard; at log steps, the console line."""
-  if scalars:
-    writer.write(step, scalars)
-  if "train_loss" not in scalars:
-    return
+  """scalars (and PNG images) -> metrics.jsonl and TensorBoard, and the console line."""
+  images = {k: v for k, v in scalars.items() if isinstance(v, bytes)}
+  scalars = {k: v for k, v in scalars.items() if k not in images}
+  writer.write(step, scalars, images)
   eta = (total_steps - step) / max(scalars["steps_per_s"], 1e-9)
   evals = "".join(f"  {k} {v:.4f}" for k, v in scalars.items()
                   if k.startswith("eval_") and not k.endswith("bits_per_token"))
-  logging.info("step %d/%d  loss %.4f%s  %.2f steps/s  %.0f tokens/s  ETA %s", step, total_steps,
-               scalars["train_loss"], evals, scalars["steps_per_s"], scalars["tokens_per_s"],
+  mfu = f"  MFU {100 * scalars['mfu']:.1f}%" if "mfu" in scalars else ""
+  parts = {k[len("time_"):-len("_s")]: v for k, v in scalars.items() if k.startswith("time_")}
+  logging.info("step %d/%d  loss %.4f%s  %.2f steps/s  %.0f tokens/s  %.3g TFLOP/s/device%s  "
+               "[%s]  goodput %.0f%%  ETA %s", step, total_steps, scalars["train_loss"], evals,
+               scalars["steps_per_s"], scalars["tokens_per_s"], scalars["tflops_per_device"],
+               mfu, _shares(parts, sum(parts.values())), 100 * scalars["goodput"],
                time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
@@ -343,18 +427,23 @@ def _end_early(mngr, step: int, preempted: bool, record: EarlyStopping) -> None:
     logging.info("early stop at step %d: no held-out gain since step %d", step, record.best_step)
 
 
-def _close(mngr, evaluators) -> None:
+def _close(mngr, evaluators, ledger) -> None:
   """Waits for the last save (a failure raises), then lets the evaluators finish."""
-  ckpt_lib.check_saves(mngr, wait=True)
-  mngr.close()
-  for evaluator in evaluators:
-    if evaluator.finish:
-      evaluator.finish()
+  with ledger.phase("checkpoint"):
+    ckpt_lib.check_saves(mngr, wait=True)
+    mngr.close()
+  with ledger.phase("eval"):
+    for evaluator in evaluators:
+      if evaluator.finish:
+        evaluator.finish()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       started: float | None = None) -> dict:
   """Trains (resuming from workdir's newest readable checkpoint); -> the last logged scalars,
-  plus `best_step` and `best_eval_accuracy` when fine-tuning."""
+  plus `best_step` and `best_eval_accuracy` when fine-tuning. started: the unix time where this
+  process's time account begins (`run`: the process's start; default: now)."""
+  ledger = goodput_lib.Ledger(time.time() if started is None else started)
   finetuning, total = bool(config.init_workdir), config.total_steps
   configured, palette, init_params = _model(config, workdir)  # what the checkpoints record
   mesh = sharding_lib.make_mesh(config.mesh, dcn_shape=config.dcn_mesh)
@@ -369,56 +458,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                dict(mesh.shape))
   pending = _Pending()
   newest = lambda: ckpt_lib.newest_good_step(mngr.directory)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
+  watch = goodput_lib.StepWatch(config.watchdog.straggler)
+  hung = lambda: goodput_lib.hang_deadline(ledger, watch, config.watchdog.timeout_s,
+                                            config.watchdog.phase_s)
+  with faults.watchdog(hung, _hang_line(ledger, watch, pending, newest)), watch, \
+      jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
       faults.peer_watch(pending.last_completed, newest), ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)
     stream = _stream(config, cfg, palette)
-    state, start, record = _restore(mngr, workdir, cfg, tx, mesh, shardings, lambda meta, where:
-                                    _check_stream(meta, stream, where, config.allow_data_change))
+    with ledger.phase("restore"):
+      state, start, record = _restore(mngr, workdir, cfg, tx, mesh, shardings, lambda meta, where:
+                                      _check_stream(meta, stream, where, config.allow_data_change))
     # The input comes before any compile: a bad dataset or split stops the run at once.
     train_iter, eval_batches = _datasets(config, cfg, palette, start)
     if state is None:
       state = _fresh_state(config, cfg, tx, mesh, shardings, init_params)
     train_step = _train_step(config, cfg, tx, shardings, mesh, first_step=start + 1)
     evaluators = evaluators_lib.build(config, cfg, palette, mesh, workdir, eval_batches)
-    pending.synced, clock, last = start, _TrainClock(start), {}
+    timing = _Timing(config, cfg, mesh, workdir, ledger, watch, start)
+    profile = profiler_lib.Profiler(config.profile, workdir, total, ledger)
+    pending.synced, last, step = start, {}, start
+    ledger.switch("host")
     for step in range(start + 1, total + 1):
-      state, metrics = train_step(state, next(train_iter))
+      with ledger.phase("input"):
+        batch = next(train_iter)
+      profile.before(step)
+      with ledger.phase("compile" if step == start + 1 else "step"):
+        state, metrics = train_step(state, batch)
+      watch.dispatched(step, metrics)
       pending.steps.append((step, metrics))
+      profile.after(step, metrics)
       ckpt_lib.check_saves(mngr)  # a failed async save stops the run here, not steps later
       log, save, evals, preempted = _due(step, config, evaluators, stop, mngr)
       if not (log or save or evals or preempted):
         continue
-      pending.fetch(mngr)
-      clock.stop()
-      scalars = (_train_scalars(pending.drain(), clock.rate(step), config.batch_size * cfg.n_ctx)
-                 if log or preempted else {})
-      scalars.update(_evaluate(evals, state.params, step))
+      with ledger.phase("step"):
+        pending.fetch(mngr)
+      scalars = {}
+      if log or evals or preempted:  # a row, of the steps since the previous one
+        scalars = _train_scalars(pending.drain())
+        with ledger.phase("eval"):
+          scalars.update(_evaluate(evals, state.params, step))
+        scalars.update(timing.row(step))
+        _report(writer, step, total, scalars)
+        last = {k: v for k, v in scalars.items() if not isinstance(v, bytes)}
       accuracy = scalars.get(ckpt_lib.BEST_METRIC)
       if accuracy is not None:
         record.update(step, accuracy)
-      _report(writer, step, total, scalars)
-      last = scalars or last
       if save or preempted or accuracy is not None:
-        _save(mngr, step, state, accuracy, ckpt_lib.make_meta(
-            configured, palette, step, ckpt_lib.to_jsonable(config), dataclasses.asdict(record),
-            _data_record(stream, step)))
+        with ledger.phase("checkpoint"):
+          _save(mngr, step, state, accuracy, ckpt_lib.make_meta(
+              configured, palette, step, ckpt_lib.to_jsonable(config), dataclasses.asdict(record),
+              _data_record(stream, step)))
       if preempted or (accuracy is not None and record.stop(config.patience)):
-        _end_early(mngr, step, preempted, record)
+        with ledger.phase("checkpoint"):
+          _end_early(mngr, step, preempted, record)
         break
-      clock.go()
-  _close(mngr, evaluators)
+    profile.close()
+    _close(mngr, evaluators, ledger)
+    timing.end(step)
   best = dict(best_step=record.best_step, best_eval_accuracy=record.best_eval_accuracy)
   return {**last, **best} if finetuning else last
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The launch scripts' run: console, devices and the multi-process job, then the loop; a
-  failed save or a lost peer ends it with one line and a documented status (faults.py)."""
+  """The launch scripts' run: console, compilation cache, devices and the multi-process job,
+  then the loop; a failed save, a lost peer or a hang ends it with one line and a documented
+  status (faults.py)."""
+  started = goodput_lib.process_start()
   console.setup()
+  console.compilation_cache(config.compilation_cache)
   if -1 in tuple(config.mesh):  # an explicit mesh names its own device count
     sharding_lib.use_one_cpu_device_per_core(config.batch_size // config.accum_steps)
   sharding_lib.maybe_initialize_distributed()
+  profiler_lib.start_server(config.profile.port)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)
   with faults.exit_on_fault():
-    return train_and_evaluate(config, workdir)
+    return train_and_evaluate(config, workdir, started)

@@ -59,7 +59,31 @@ def test_early_stopping_counts_evaluations_without_a_gain():
   assert record.stop(patience=2) and not record.stop(patience=3) and not record.stop(patience=0)
 
 
-def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
+def test_held_out_loss_by_pixel_is_a_picture_of_the_same_loss(tmp_path):
+  params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(CFG, jax.random.key(0)))
+  tokens = np.random.default_rng(0).integers(0, 16, (4, CFG.n_ctx), dtype=np.int32)
+  batch = {"tokens": tokens, "valid": np.array([True, True, True, False])}
+  config = base.get_config()
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  held_out, = [e for e in evaluators.build(config, CFG, None, mesh, str(tmp_path),
+                                           lambda: iter([batch])) if e.name == "held_out"]
+  got = held_out.fn(params, 7)
+  png = (tmp_path / "loss_by_pixel_0000007.png").read_bytes()
+  assert got["eval_loss_by_pixel"] == png and png[:4] == b"\x89PNG"
+  # The picture's pixels: each position's loss over the 3 valid rows; their mean is eval_loss.
+  sums = steps.make_eval_step(CFG)(params, batch, None)
+  by_pixel = np.asarray(sums["position_loss"]) / 3
+  np.testing.assert_allclose(by_pixel.mean(), got["eval_loss"], rtol=1e-5)
+  logits = model_lib.IGPT(CFG).apply({"params": params}, tokens[:3])
+  first = -jax.nn.log_softmax(logits[:, 0])[np.arange(3), tokens[:3, 0]]  # the top-left pixel
+  np.testing.assert_allclose(by_pixel[0], first.mean(), rtol=1e-5)
+  # BERT counts only the masked positions, so each pixel has its own count.
+  bert = steps.make_eval_step(CFG.replace(objective="bert"))(params, batch, jax.random.key(1))
+  mask = model_lib.draw_bert_mask(jax.random.key(1), tokens.shape)
+  np.testing.assert_array_equal(bert["position_count"], mask[:3].sum(0))
+
+
+def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy(tmp_path):
   cfg = CFG.replace(n_classes=3)
   params = jax.tree.map(lambda p: p + 0.05, model_lib.init_params(cfg, jax.random.key(0)))
   rng = np.random.default_rng(0)
@@ -70,7 +94,7 @@ def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
   config = base.get_config()
   config.init_workdir = "/a/pretrained/run"  # fine-tuning: the loop's accuracy rides along
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, "/nonexistent",
+  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, str(tmp_path),
                                            lambda: passes.append(1) or iter(batches))
                if e.name == "held_out"]
   got = held_out.fn(params, 10)
@@ -83,7 +107,7 @@ def test_fine_tuning_reads_the_held_out_split_once_for_loss_and_accuracy():
 
 
 @pytest.mark.parametrize("k_masks", [1, 3])
-def test_bert_held_out_loss_sees_the_mask_of_the_first_vote(monkeypatch, k_masks):
+def test_bert_held_out_loss_sees_the_mask_of_the_first_vote(monkeypatch, tmp_path, k_masks):
   """Fine-tuning a BERT model: eval_loss is computed under the mask of the first of the k_masks
   votes of eval_accuracy (with one vote: the same mask)."""
   cfg = CFG.replace(objective="bert", n_classes=5 + k_masks)  # its own: predict traces anew
@@ -100,10 +124,10 @@ def test_bert_held_out_loss_sees_the_mask_of_the_first_vote(monkeypatch, k_masks
   config = base.get_config()
   config.init_workdir, config.k_masks = "/a/pretrained/run", k_masks
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, "/nonexistent",
+  held_out, = [e for e in evaluators.build(config, cfg, None, mesh, str(tmp_path),
                                            lambda: iter([batch])) if e.name == "held_out"]
   held_out.fn(params, 10)
-  loss_masks = [m for who, m in drawn if who == "example_losses"]
+  loss_masks = [m for who, m in drawn if who == "_logits"]  # steps: the eval step's mask
   votes = [m for who, m in drawn if who == "_classify"]
   assert len(loss_masks) == 1 and len(votes) == k_masks
   assert any(np.array_equal(loss_masks[0], v) for v in votes)

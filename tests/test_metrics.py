@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from igpt_jax import metrics
 from igpt_jax import paths
 from conftest import GCS_BUCKET
@@ -38,6 +40,19 @@ def test_last_record_per_step_and_events_tensorflow_reads(tmp_path):
                                                (2, "eval_loss"): 2.75}
   assert tensorboard_scalars(second.events) == {(2, "train_loss"): 2.25, (3, "train_loss"): 2.0}
   assert metrics.read(tmp_path / "no_run") == {}
+
+
+def test_images_go_to_tensorboard_not_to_the_jsonl(tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  png = tf.io.encode_png(np.zeros((3, 5, 3), np.uint8)).numpy()  # 5 wide, 3 high
+  writer = metrics.Writer(tmp_path)
+  writer.write(4, {"eval_loss": 2.0}, {"eval_loss_by_pixel": png})
+  assert metrics.read(tmp_path) == {4: {"step": 4, "eval_loss": 2.0}}
+  images = [(e.step, v.tag, v.image) for e in tf.compat.v1.train.summary_iterator(
+      str(writer.events)) for v in e.summary.value if v.HasField("image")]
+  [(step, tag, image)] = images
+  assert (step, tag, image.width, image.height) == (4, "eval_loss_by_pixel", 5, 3)
+  assert image.encoded_image_string == png
 
 
 def test_inactive_writer_writes_nothing(tmp_path):

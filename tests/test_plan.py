@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+from igpt_jax import chips
 from igpt_jax import model as model_lib
 from igpt_jax import plan
 from igpt_jax import sharding
@@ -88,7 +89,7 @@ def test_gpu_plan_compiles_every_program_with_the_xla_gpu_compiler():
   # The roofline: never faster than the FLOPs at peak or the step's HBM traffic at the
   # memory bandwidth; the fsdp gathers make it slower still.
   assert record["estimate"] == plan.ROOFLINE
-  at_peak = record["flops_per_step"] / (2 * plan.GPUS["h100"][1])
+  at_peak = record["flops_per_step"] / (2 * chips.CHIPS["h100"].bf16)
   traffic = record["hbm_gib_per_step"] * plan.GIB / plan.target("h100:2").hbm_bytes_per_s
   assert record["est_step_s"] > max(at_peak, traffic) and 0 < record["est_mfu"] < 1
   # The scanned step's traffic, extrapolated from unrolled 1- and 2-block compiles, is the

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from igpt_jax import checkpoint
+from igpt_jax import goodput
 from igpt_jax import metrics as metrics_lib
 from igpt_jax import model as model_lib
 from igpt_jax import steps
@@ -72,9 +73,16 @@ def test_eval_step_ignores_padding():
   tokens = jax.random.randint(jax.random.key(1), (4, cfg.n_ctx), 0, 16)
   per_example = steps.example_losses(cfg, params, tokens, None)
   valid = jnp.array([True, True, False, False])
-  total, count = steps.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
-  assert float(count) == 2
-  np.testing.assert_allclose(total, per_example[:2].sum(), rtol=1e-6)
+  sums = steps.make_eval_step(cfg)(params, {"tokens": tokens, "valid": valid}, None)
+  assert float(sums["examples"]) == 2
+  np.testing.assert_allclose(sums["loss"], per_example[:2].sum(), rtol=1e-6)
+  # By position: the valid rows' token losses, which average to the same loss.
+  logits = model_lib.IGPT(cfg).apply({"params": params}, tokens)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [B, T]
+  np.testing.assert_allclose(sums["position_loss"], ce[:2].sum(0), rtol=1e-5)
+  np.testing.assert_array_equal(sums["position_count"], np.full(cfg.n_ctx, 2.0))
+  np.testing.assert_allclose(sums["position_loss"].sum() / sums["position_count"].sum(),
+                             sums["loss"] / sums["examples"], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -227,6 +235,17 @@ def test_run_writes_metrics_events_checkpoints_and_samples(uninterrupted):
   assert "probe_vs_loss.png" in files
   assert any(f.startswith("events.out.tfevents") for f in files)
   assert f"samples_{STEPS:07d}.png" in files
+  assert {f for f in files if f.startswith("loss_by_pixel")} == {
+      "loss_by_pixel_0000030.png", f"loss_by_pixel_{STEPS:07d}.png"}
+  # Every row splits its interval by where the time went; the rows and the end record cover
+  # the process from its start, and the summary has a cause for every second.
+  assert all(f"time_{c}_s" in r for r in metrics.values() for c in goodput.CATEGORIES)
+  assert all(0 < r["goodput"] < 1 for r in metrics.values())
+  summary = goodput.summarize(goodput.load(uninterrupted))
+  [run] = summary["processes"]
+  assert run["ended"] and run["last_step"] == STEPS and run["first_step_s"] > 0
+  assert abs(summary["unaccounted_s"]) < 0.01 * summary["wall_s"]
+  assert summary["steps"]["timed"] == STEPS
   cfg, params, palette = checkpoint.load(str(uninterrupted))
   assert cfg.n_px == 4 and palette.shape == (16, 3)
   assert checkpoint.manager(str(uninterrupted), read_only=True).latest_step() == STEPS
@@ -257,6 +276,16 @@ def test_resume_equals_uninterrupted(files, tmp_path, uninterrupted, sig):
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_allclose([got[s]["train_loss"] for s in after],
                              [want[s]["train_loss"] for s in after], rtol=0, atol=1e-6)
+  # The job's account: the steps the first process trained past its checkpoint were lost
+  # (SIGKILL: they are trained again); SIGTERM saved where it stopped, so none were.
+  summary = goodput.summarize(goodput.load(tmp_path))
+  first, second = summary["processes"]
+  assert second["resumed_from"] == resumed_from and second["ended"]
+  assert first["ended"] == (sig == signal.SIGTERM)
+  assert first["lost_steps"] == first["last_step"] - resumed_from
+  assert (summary["badput_s"]["lost"] > 0) == (first["lost_steps"] > 0)
+  if sig == signal.SIGTERM:
+    assert first["lost_steps"] == 0
 
 
 @pytest.mark.slow
