@@ -1,5 +1,6 @@
 """The palette on real CIFAR-10 pixels: nearest-centre property, round trip, k-means progress."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -78,3 +79,47 @@ def test_bad_input_is_refused_clearly():
     P.dequantize(np.full((1, 16), 8), palette, 4)
   with pytest.raises(ValueError, match="n_px=5"):
     P.dequantize(np.zeros((1, 16), int), palette, 5)
+
+
+def distance_table_tokens(pixels, palette):
+  """Tokens as the pipeline computed them before the lookup table, restated: float32 squared
+  distances per channel from levels scaled as XLA CPU scales x / 127.5 - 1, summed red + green,
+  then + blue; the first least centre. pixels uint8 [N, 3] -> (int [N], ties: bool [N])."""
+  levels = np.asarray(jnp.asarray(np.arange(256), jnp.float32) / 127.5 - 1.0)
+  d = [(levels[:, None] - palette[:, c]) ** 2 for c in range(3)]
+  tokens, ties = [], []
+  for p in np.array_split(pixels, -(-len(pixels) // 2 ** 16)):
+    sums = (d[0][p[:, 0]] + d[1][p[:, 1]]) + d[2][p[:, 2]]  # [n, k] float32
+    tokens.append(np.argmin(sums, -1))
+    ties.append((sums == sums.min(-1, keepdims=True)).sum(-1) > 1)
+  return np.concatenate(tokens), np.concatenate(ties)
+
+
+def tie_palette(centres):
+  """centres with exact ties added: the first 4 repeated after the rest, 4 more with green and
+  blue swapped (equal for grey pixels up to the order of the float additions), and a pair at
+  +-2^-8 from red level 100 (exactly equidistant from it)."""
+  levels = P.to_unit(np.arange(256, dtype=np.uint8))
+  pair = np.array([[levels[100] + 2 ** -8, levels[50], levels[60]],
+                   [levels[100] - 2 ** -8, levels[50], levels[60]]], np.float32)
+  return np.concatenate([centres, centres[:4], centres[4:8][:, [0, 2, 1]], pair])
+
+
+def test_quantize_is_the_distance_tables_nearest_centre_where_xla_fuses_an_fma():
+  # For this colour and palette, centres 387 and 409 are 0.03244394 away in the distance tables'
+  # float32 sums; XLA CPU fused (c - x)^2 + s into one FMA and found 409 nearer (0.032443937),
+  # so quantize disagreed with the tokens the pipeline trains on.
+  palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+  pixel = np.array([[[200, 89, 141]]], np.uint8)
+  want, _ = distance_table_tokens(pixel.reshape(1, 3), palette)
+  assert int(np.asarray(P.quantize(pixel, palette))[0]) == int(want[0]) == 387
+
+
+def test_nearest_table_is_the_distance_tables_argmin_for_every_colour_ties_included():
+  palette = tie_palette(np.random.default_rng(1).uniform(-1, 1, (10, 3)).astype(np.float32))
+  table = P.nearest_table(palette)
+  assert table.shape == (256, 256, 256) and table.dtype == np.uint16
+  colours = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1)
+  want, ties = distance_table_tokens(colours.reshape(-1, 3), palette)
+  assert ties.sum() > 1000  # the palette does tie, on many colours
+  np.testing.assert_array_equal(table.reshape(-1), want)
