@@ -6,6 +6,8 @@ import pytest
 
 from igpt_jax import palette as P
 
+from conftest import tie_palette
+
 
 @pytest.fixture(scope="module")
 def fitted(cifar10_sample):
@@ -93,16 +95,6 @@ def distance_table_tokens(pixels, palette):
     tokens.append(np.argmin(sums, -1))
     ties.append((sums == sums.min(-1, keepdims=True)).sum(-1) > 1)
   return np.concatenate(tokens), np.concatenate(ties)
-
-
-def tie_palette(centres):
-  """centres with exact ties added: the first 4 repeated after the rest, 4 more with green and
-  blue swapped (equal for grey pixels up to the order of the float additions), and a pair at
-  +-2^-8 from red level 100 (exactly equidistant from it)."""
-  levels = P.to_unit(np.arange(256, dtype=np.uint8))
-  pair = np.array([[levels[100] + 2 ** -8, levels[50], levels[60]],
-                   [levels[100] - 2 ** -8, levels[50], levels[60]]], np.float32)
-  return np.concatenate([centres, centres[:4], centres[4:8][:, [0, 2, 1]], pair])
 
 
 def test_quantize_is_the_distance_tables_nearest_centre_where_xla_fuses_an_fma():
