@@ -121,9 +121,9 @@ def main(_):
         print(f"{FLAGS.imagenet} {key}: {rates[0]:.0f} images/s, {rates[1]:.0f} per "
               "CPU-second", flush=True)
     (dec_wall, dec_cpu), n_pxs = best.pop("decode"), FLAGS.imagenet_n_px
+    files = data._local_split(FLAGS.imagenet, "train")[0]  # pylint: disable=protected-access
     record.update(
-        imagenet=FLAGS.imagenet, imagenet_images=len(data._local_split(  # pylint: disable=protected-access
-            FLAGS.imagenet, "train")[1]), rounds=FLAGS.rounds,
+        imagenet=FLAGS.imagenet, imagenet_images=len(files), rounds=FLAGS.rounds,
         imagenet_images_per_s=rounded({n: best[n][0] for n in n_pxs}),
         imagenet_images_per_cpu_s=rounded({n: best[n][1] for n in n_pxs}),
         decode_images_per_s=round(dec_wall, 1), decode_images_per_cpu_s=round(dec_cpu, 1),

@@ -36,8 +36,9 @@ flags.DEFINE_integer("batch", 4, "Images drawn at once.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype of our model.")
 flags.DEFINE_integer("repeats", 2, "Timed calls per side (the best one counts).")
 flags.DEFINE_bool("device_per_core", True,
-                  "On CPU, one XLA device per core with the batch split over them, as "
-                  "launch/sample.py runs (the peer uses every core through torch's threads).")
+                  "On CPU, one XLA device per core with the model split over them "
+                  "(sample.host_mesh), as launch/sample.py runs (the peer uses every core "
+                  "through torch's threads).")
 flags.DEFINE_bool("peer", False, "Also time Hugging Face ImageGPT generate (torch, CPU).")
 flags.DEFINE_bool("device_report", False,
                   "iGPT-S (24 layers, D 512, 8 heads, 32x32) at batch 64 in bfloat16: the "
@@ -97,7 +98,7 @@ def main(argv):
     batch = FLAGS.batch
   tokens = batch * cfg.n_ctx
   load_before = common.load()
-  mesh = sharding.data_mesh(batch) if jax.default_backend() == "cpu" else None
+  mesh = sample_lib.host_mesh(cfg, batch) if jax.default_backend() == "cpu" else None
   devices = 1 if mesh is None else mesh.size
   ours = time_ours(cfg, batch, FLAGS.repeats, mesh)
   result = dict(bench="sample", device=common.device_name(), n_layer=cfg.n_layer,

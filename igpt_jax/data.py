@@ -295,8 +295,9 @@ def _mapped(ds, fn, files: bool, skip: bool, flag: str = "ok", chunk: int = 16):
     j, out = kept.concatenate(tf.data.Dataset.from_tensors(none)).take(1).get_single_element()
     files = exs[-1]["image"]
     ok = tf.reduce_any(tf.range(tf.size(files, out_type=tf.int64))[:, None] == j[None], 1)
-    ok = tf.cond(tf.reduce_all(ok), lambda: ok, lambda: tf.tensor_scatter_nd_update(
-        ok, tf.where(~ok), tf.py_function(_bad_files, [tf.boolean_mask(files, ~ok), skip], tf.bool)))
+    bad = lambda: tf.py_function(_bad_files, [tf.boolean_mask(files, ~ok), skip], tf.bool)
+    ok = tf.cond(tf.reduce_all(ok), lambda: ok,
+                 lambda: tf.tensor_scatter_nd_update(ok, tf.where(~ok), bad()))
     shape = lambda v: tf.concat([tf.shape(ok, tf.int64), tf.shape(v, tf.int64)[1:]], 0)
     return {**{k: tf.scatter_nd(j[:, None], v, shape(v)) for k, v in out.items() if k != flag},
             flag: ok}
