@@ -57,8 +57,8 @@ def time_ours(cfg, batch, repeats, mesh):
 def bytes_per_step(cfg, batch):
   """Mean bytes one decode step must bring from memory: the matmul weights plus the KV cache.
 
-  With the batch split over devices each one reads every weight, but they share the host's last
-  cache level, so the weights are counted once.
+  The weights are counted once: on a CPU host the model is split over the devices
+  (`sample.host_mesh`), so each reads its share.
   """
   weights = common.matmul_params(cfg) * np.dtype(cfg.param_dtype).itemsize
   per_position = cfg.n_layer * 2 * batch * cfg.n_embd * np.dtype(cfg.dtype).itemsize  # K and V
@@ -103,7 +103,8 @@ def main(argv):
   ours = time_ours(cfg, batch, FLAGS.repeats, mesh)
   result = dict(bench="sample", device=common.device_name(), n_layer=cfg.n_layer,
                 n_embd=cfg.n_embd, n_head=cfg.n_head, n_px=cfg.n_px, batch=batch,
-                devices=devices, dtype=cfg.dtype, cpu_count=os.cpu_count(),
+                devices=devices, mesh=dict(mesh.shape) if mesh else None, dtype=cfg.dtype,
+                cpu_count=os.cpu_count(),
                 ours_seconds=round(ours, 3), ours_tokens_per_s=round(tokens / ours, 1),
                 ours_images_per_s=round(batch / ours, 3),
                 peak_memory_gib=common.peak_memory_gib())
