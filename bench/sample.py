@@ -36,8 +36,9 @@ flags.DEFINE_integer("batch", 4, "Images drawn at once.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype of our model.")
 flags.DEFINE_integer("repeats", 2, "Timed calls per side (the best one counts).")
 flags.DEFINE_bool("device_per_core", True,
-                  "On CPU, one XLA device per core with the batch split over them, as "
-                  "launch/sample.py runs (the peer uses every core through torch's threads).")
+                  "On CPU, one XLA device per core with the model split over them "
+                  "(sample.host_mesh), as launch/sample.py runs (the peer uses every core "
+                  "through torch's threads).")
 flags.DEFINE_bool("peer", False, "Also time Hugging Face ImageGPT generate (torch, CPU).")
 flags.DEFINE_bool("device_report", False,
                   "iGPT-S (24 layers, D 512, 8 heads, 32x32) at batch 64 in bfloat16: the "
@@ -56,8 +57,8 @@ def time_ours(cfg, batch, repeats, mesh):
 def bytes_per_step(cfg, batch):
   """Mean bytes one decode step must bring from memory: the matmul weights plus the KV cache.
 
-  With the batch split over devices each one reads every weight, but they share the host's last
-  cache level, so the weights are counted once.
+  The weights are counted once: on a CPU host the model is split over the devices
+  (`sample.host_mesh`), so each reads its share.
   """
   weights = common.matmul_params(cfg) * np.dtype(cfg.param_dtype).itemsize
   per_position = cfg.n_layer * 2 * batch * cfg.n_embd * np.dtype(cfg.dtype).itemsize  # K and V
@@ -97,12 +98,13 @@ def main(argv):
     batch = FLAGS.batch
   tokens = batch * cfg.n_ctx
   load_before = common.load()
-  mesh = sharding.data_mesh(batch) if jax.default_backend() == "cpu" else None
+  mesh = sample_lib.host_mesh(cfg, batch) if jax.default_backend() == "cpu" else None
   devices = 1 if mesh is None else mesh.size
   ours = time_ours(cfg, batch, FLAGS.repeats, mesh)
   result = dict(bench="sample", device=common.device_name(), n_layer=cfg.n_layer,
                 n_embd=cfg.n_embd, n_head=cfg.n_head, n_px=cfg.n_px, batch=batch,
-                devices=devices, dtype=cfg.dtype, cpu_count=os.cpu_count(),
+                devices=devices, mesh=dict(mesh.shape) if mesh else None, dtype=cfg.dtype,
+                cpu_count=os.cpu_count(),
                 ours_seconds=round(ours, 3), ours_tokens_per_s=round(tokens / ours, 1),
                 ours_images_per_s=round(batch / ours, 3),
                 peak_memory_gib=common.peak_memory_gib())

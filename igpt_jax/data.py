@@ -8,12 +8,17 @@ Two kinds of source feed one pipeline:
 Both take tfds split syntax ("train[:45000]", "train[10%:]", "a+b") and are cut per host with
 `tfds.even_splits`, so host i reads its own disjoint slice.
 
+Each example becomes tokens in the graph of `igpt_jax.images`: the window it keeps (centre
+square, or the ImageNet augmentation's crop) is chosen from the image's size, a JPEG is decoded
+only there, resized, and looked up in the palette's table (`palette.nearest_table`).
+
 An image file that does not decode (truncated, empty, not an image) is found where it is read,
 never in a scan ahead. With `skip_bad_files` (the default) it is skipped with one warning per
 file, naming it and why, and counted (`skipped_files`): a training batch fills its slot with a
 copy of another image of the same batch (the first good one after it), so batch k stays a pure
 function of (seed, k) and resumes stay exact; an eval row is left out like a padding row. With
-skip_bad_files=False the first such file is a ValueError naming it.
+skip_bad_files=False the first such file is a ValueError naming it. (A JPEG cut short still
+gives the windows that lie in the part it has.)
 
 Train streams are a pure function of (data_cfg, seed, batch_size, host layout): epoch e is the host
 slice shuffled with seed (seed, e), and every random augmentation is a stateless op seeded by
@@ -41,6 +46,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from igpt_jax import images as images_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 
@@ -53,11 +59,7 @@ DEFAULTS = dict(name=None, data_dir=None, train_split="train", eval_split="test"
                 skip_bad_files=True)  # see experiments/base.py
 
 
-@functools.cache
-def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  return tf
+_tf = images_lib.load_tf
 
 
 def _tfds():
@@ -82,7 +84,8 @@ def _fields(data_cfg) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sources: (dataset of {"image": raw, "label": int}, decode raw -> uint8 [H, W, 3]) for one split.
+# Sources: (dataset of {"image": raw, "label": int}, view) for one split, where view(raw, window)
+# -> uint8 [h, w, 3] is the window (y, x, h, w) = window(height, width) of the raw image.
 
 
 def _is_local(name: str) -> bool:
@@ -180,15 +183,7 @@ def _local_source(path: str, split: str, index: int, count: int):
   images = np.concatenate([images[s] for images, _, s in parts])
   labels = np.concatenate([labels[s] for _, labels, s in parts])
   ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-  if images.dtype == np.uint8:
-    return ds, lambda image: image
-  return ds, _decode_file
-
-
-def _decode_file(path):
-  """tf string (an image file's path) -> uint8 [h, w, 3]."""
-  tf = _tf()
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  return ds, (images_lib.array_view if images.dtype == np.uint8 else images_lib.file_view)
 
 
 def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
@@ -206,11 +201,12 @@ def _tfds_source(name: str, data_dir, split: str, index: int, count: int):
   ds = builder.as_dataset(split=tfds.even_splits(split, count)[index], shuffle_files=False,
                           decoders={"image": tfds.decode.SkipDecoding()})
   ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-  return ds, builder.info.features["image"].decode_example
+  decode = builder.info.features["image"].decode_example
+  return ds, lambda raw, window: images_lib.encoded_view(raw, window, decode)
 
 
 def _source(cfg: dict, split: str, index: int = 0, count: int = 1):
-  """(dataset of {"image", "label"}, decode) of host `index`'s share of a split spec."""
+  """(dataset of {"image", "label"}, view) of host `index`'s share of a split spec."""
   if _is_local(cfg["name"]):
     return _local_source(cfg["name"], split, index, count)
   return _tfds_source(cfg["name"], cfg["data_dir"], split, index, count)
@@ -258,18 +254,18 @@ def _why_unreadable(path: str) -> str:
   return f"TensorFlow cannot decode it ({len(raw)} bytes; PIL can: an unusual variant?)"
 
 
-def _bad_file(path, skip) -> bool:
-  """tf.py_function, run for each image file that failed to decode: records it and warns once
-  per file when skipping (`_checked` raises otherwise); -> False, the example's `ok`."""
-  path = path.numpy().decode()
-  why = _why_unreadable(path)
-  with _BAD_LOCK:
-    new = path not in _BAD_FILES
-    _BAD_FILES[path] = why
-    _BAD_MET.append(path)
-  if new and skip.numpy():
-    logging.warning("skipping image %s: %s", path, why)
-  return False
+def _bad_files(files, skip) -> np.ndarray:
+  """tf.py_function, run for the image files of a chunk that failed to decode: records each and
+  warns once per file when skipping (`_checked` raises otherwise); -> False for each (`ok`)."""
+  for path in (f.decode() for f in files.numpy()):
+    why = _why_unreadable(path)
+    with _BAD_LOCK:
+      new = path not in _BAD_FILES
+      _BAD_FILES[path] = why
+      _BAD_MET.append(path)
+    if new and skip.numpy():
+      logging.warning("skipping image %s: %s", path, why)
+  return np.zeros(len(files), bool)
 
 
 def skipped_files() -> int:
@@ -279,31 +275,35 @@ def skipped_files() -> int:
     return len(_BAD_FILES)
 
 
-def _decoded(ds, decode, skip: bool):
-  """(ds, decode) -> (ds, the decode still to apply).
+def _mapped(ds, fn, files: bool, skip: bool, flag: str = "ok", chunk: int = 16):
+  """ds.map(fn) in order (fn -> dict of tensors), each output with `flag` (bool) added: True.
 
-  Image files are decoded here, each in a one-element dataset whose decode error is caught, so
-  an unreadable one becomes a 1x1 black image with "ok" False (after `_bad_file`; good ones
-  have ok True) and the stream keeps one element per record, in order. Other sources are left
-  as they are (no "ok": all good) and decode later.
+  Image files (files=True) go through in chunks of `chunk`, each into a dataset that drops the
+  examples whose fn fails; the survivors are put back in their places and the failures become
+  zeros with `flag` False (after `_bad_files`), so the stream keeps one element per record, in
+  order. (A dataset per example would cost about 0.3 ms of a core each.)
   """
   tf = _tf()
-  if decode is not _decode_file:
-    return ds, decode
+  good = lambda *ex: {**fn(*ex), flag: True}
+  if not files:
+    return ds.map(good, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def one(ex):
-    good = tf.data.Dataset.from_tensors(ex).map(
-        lambda e: {**e, "image": _decode_file(e["image"]), "ok": True}).ignore_errors()
+  def guarded(*exs):  # [n <= chunk] examples -> [n] outputs
+    kept = tf.data.Dataset.from_tensor_slices(exs).enumerate().map(
+        lambda j, ex: (j, good(*ex))).ignore_errors().batch(chunk)
+    none = tf.nest.map_structure(  # no survivor: no batch at all, so an empty one
+        lambda s: tf.zeros([0] + [d or 1 for d in s.shape[1:]], s.dtype), kept.element_spec)
+    j, out = kept.concatenate(tf.data.Dataset.from_tensors(none)).take(1).get_single_element()
+    files = exs[-1]["image"]
+    ok = tf.reduce_any(tf.range(tf.size(files, out_type=tf.int64))[:, None] == j[None], 1)
+    bad = lambda: tf.py_function(_bad_files, [tf.boolean_mask(files, ~ok), skip], tf.bool)
+    ok = tf.cond(tf.reduce_all(ok), lambda: ok,
+                 lambda: tf.tensor_scatter_nd_update(ok, tf.where(~ok), bad()))
+    shape = lambda v: tf.concat([tf.shape(ok, tf.int64), tf.shape(v, tf.int64)[1:]], 0)
+    return {**{k: tf.scatter_nd(j[:, None], v, shape(v)) for k, v in out.items() if k != flag},
+            flag: ok}
 
-    def bad(e):
-      ok = tf.py_function(_bad_file, [e["image"], skip], tf.bool)
-      ok.set_shape([])
-      return {**e, "image": tf.zeros([1, 1, 3], tf.uint8), "ok": ok}
-    return good.concatenate(tf.data.Dataset.from_tensors(ex).map(bad)).take(1)
-
-  ds = ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds, lambda image: image
+  return ds.batch(chunk).map(guarded, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def _checked(batches: Iterator[dict], skip: bool) -> Iterator[dict]:
@@ -329,82 +329,6 @@ def _checked(batches: Iterator[dict], skip: bool) -> Iterator[dict]:
       rows = good[np.searchsorted(good, np.arange(len(ok))) % len(good)]
       batch = {k: v[rows] for k, v in batch.items()}
     yield batch
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-example preprocessing (tf graph).
-
-
-def _resize(image, n_px: int):
-  """uint8 [h, w, 3] -> uint8 [n_px, n_px, 3]; area averaging, so downsampling is antialiased."""
-  tf = _tf()
-  out = tf.image.resize(image, [n_px, n_px], method="area")
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-
-def _centre_square(image):
-  tf = _tf()
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  side = tf.minimum(h, w)
-  return image[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-
-
-def _imagenet_crop(image, seed):
-  """Paper: short side resized to s ~ U[256, 384], random 224 crop. Cropping the matching
-  224/s fraction of the original first gives the same view with a single resize."""
-  tf = _tf()
-  s_seed, y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  short = tf.minimum(h, w)
-  s = tf.random.stateless_uniform([], s_seed, 256, 385, tf.int32)
-  side = tf.clip_by_value(
-      tf.cast(tf.round(224.0 * tf.cast(short, tf.float32) / tf.cast(s, tf.float32)), tf.int32),
-      1, short)
-  y = tf.random.stateless_uniform([], y_seed, 0, h - side + 1, tf.int32)
-  x = tf.random.stateless_uniform([], x_seed, 0, w - side + 1, tf.int32)
-  return image[y:y + side, x:x + side]
-
-
-def _cifar_augment(image, seed):
-  """Paper (CIFAR fine-tuning): 4 px reflect pad, random crop back to size, random flip.
-
-  The pad is 1/8 of the side (4 px at 32x32), so other resolutions shift by the same fraction.
-  """
-  tf = _tf()
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  pad = tf.maximum(tf.shape(image)[0] // 8, 1)
-  padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-  image = tf.image.stateless_random_crop(padded, tf.shape(image), crop_seed)
-  return tf.image.stateless_random_flip_left_right(image, flip_seed)
-
-
-def _preprocess(image, augment: str, n_px: int, seed):
-  """uint8 [h, w, 3] -> uint8 [n_px, n_px, 3]; seed None = eval (no randomness)."""
-  if seed is not None and augment == "imagenet":
-    return _resize(_imagenet_crop(image, seed), n_px)
-  # Eval of every augment (the paper's short side 224 + centre 224 crop is the centre square).
-  image = _resize(_centre_square(image), n_px)
-  if seed is not None and augment == "cifar":
-    image = _cifar_augment(image, seed)
-  return image
-
-
-def _distance_tables(palette) -> np.ndarray:
-  """float32 [3, 256, k]: squared distance from each channel level to each centre's channel.
-
-  Levels are scaled by `palette.to_unit` itself (XLA rounds x / 127.5 unlike TF), so the sums
-  below reproduce `palette.quantize`'s float32 arithmetic, and its ids, exactly.
-  """
-  levels = np.asarray(palette_lib.to_unit(np.arange(256, dtype=np.uint8)))
-  return np.stack([(levels[:, None] - palette[:, i]) ** 2 for i in range(3)])
-
-
-def _quantize(image, tables):
-  """uint8 [H, W, 3] -> int32 [H*W] ids of the nearest centres (tables: `_distance_tables`)."""
-  tf = _tf()
-  v = tf.reshape(tf.cast(image, tf.int32), [-1, 3])
-  scores = sum(tf.gather(tables[i], v[:, i]) for i in range(3))  # [H*W, k], palette's add order
-  return tf.argmin(scores, -1, output_type=tf.int32)
 
 
 def _options(threads: int):
@@ -445,16 +369,18 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
     raise ValueError(f"start_step {start_step}: must be >= 0, and 0 for eval (one pass)")
   tf = _tf()
   local_batch = batch_size // process_count
-  ds, decode = _source(cfg, split, process_index, process_count)
+  ds, view = _source(cfg, split, process_index, process_count)
   n = int(ds.cardinality())
   if n <= 0:
     raise ValueError(f"split {split!r} of {cfg['name']!r} has no examples on host "
                      f"{process_index} of {process_count}")
-  tables = tf.constant(_distance_tables(palette))
+  table = tf.constant(palette_lib.nearest_table(palette).reshape(-1))
+  files, skip = view is images_lib.file_view, cfg["skip_bad_files"]
 
-  def tokens(image, label, seed=None):
-    image = _preprocess(decode(image), cfg["augment"], n_px, seed)
-    return {"tokens": _quantize(image, tables), "labels": tf.cast(label, tf.int32)}
+  def tokens(ex, seed=None):
+    image = images_lib.preprocess(ex["image"], cfg["augment"], n_px, seed, view)
+    return {"tokens": tf.reshape(images_lib.quantize(image, table), [n_px * n_px]),
+            "labels": tf.cast(ex["label"], tf.int32)}
 
   if train:
     def epoch(e):  # the host slice in the order of epoch e; a pure function of (seed, e)
@@ -467,24 +393,19 @@ def make_dataset(data_cfg, *, split: str, batch_size: int, palette, n_px: int, t
       return i // local_batch * batch_size + process_index * local_batch + i % local_batch
 
     ds = tf.data.Dataset.range(first // n, 2 ** 62).flat_map(epoch).skip(first % n)
-    ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
-    ds = ds.enumerate(start=first).map(
-        lambda i, ex: {**tokens(ex["image"], ex["label"],
-                                tf.stack([tf.cast(seed, tf.int64), global_row(i)])),
-                       "ok": ex.get("ok", True)},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _mapped(ds.enumerate(start=first),
+                 lambda i, ex: tokens(ex, tf.stack([tf.cast(seed, tf.int64), global_row(i)])),
+                 files, skip)
     ds = ds.batch(local_batch, drop_remainder=True)
   else:
     padded = -(-max(_host_sizes(cfg, split, process_count)) // local_batch) * local_batch
-    ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
-    ds = ds.map(lambda ex: {**tokens(ex["image"], ex["label"]), "valid": ex.get("ok", True)},
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _mapped(ds, tokens, files, skip, flag="valid")
     pad = {"tokens": tf.zeros([n_px * n_px], tf.int32), "labels": tf.constant(0, tf.int32),
            "valid": False}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padded - n))
     ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(2).with_options(_options(cfg["threads"]))
-  return _checked(ds.as_numpy_iterator(), cfg["skip_bad_files"])
+  return _checked(ds.as_numpy_iterator(), skip)
 
 
 def num_examples(data_cfg, split: str) -> int:
@@ -502,20 +423,21 @@ def load_images(data_cfg, split: str, max_images: int | None = None, *,
   """
   cfg = _fields(data_cfg)
   tf = _tf()
-  ds, decode = _source(cfg, split)
+  ds, view = _source(cfg, split)
   if max_images is not None:
     ds = ds.take(max_images)
-  ds, decode = _decoded(ds, decode, cfg["skip_bad_files"])
 
   def prepare(ex):
-    image = decode(ex["image"])
-    if n_px is not None:
-      image = _preprocess(image, "none", n_px, None)
+    image = (view(ex["image"], images_lib.whole) if n_px is None else
+             images_lib.preprocess(ex["image"], "none", n_px, None, view))
     return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-  images, labels = [], []
-  ds = ds.filter(lambda ex: ex.get("ok", True)).map(prepare)
+  # One file at a time: a chunk would batch images of any sizes.
+  ds = _mapped(ds, prepare, view is images_lib.file_view, cfg["skip_bad_files"], chunk=1)
+  ds = ds.filter(lambda ex: ex["ok"])
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
   ds = ds.with_options(_options(cfg["threads"]))
+  images, labels = [], []
   for ex in _checked(ds.as_numpy_iterator(), cfg["skip_bad_files"]):
     image, label = ex["image"], ex["label"]
     if images and image.shape != images[0].shape:

@@ -4,6 +4,12 @@ An image becomes a token sequence by replacing each pixel with the index of its 
 (raster order), and a token sequence becomes an image by looking the centres up again. The
 released palette (OpenAI's `kmeans_centers.npy`, Hugging Face's `clusters`) is a (512, 3) float
 array in [-1, 1] and loads here as is.
+
+"Nearest" has one definition, `distance_tables`: float32 squared distances per channel, summed
+red + green, then + blue, the first centre winning a tie. `nearest_table` evaluates it once for
+each of the 2^24 colours (a uint16 lookup table, 32 MiB, built in about 2 s on one core), and
+both `quantize` and the tf.data pipeline (igpt_jax/data.py) look tokens up there, so they agree
+bit for bit on every host and backend.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import numpy as np
 from igpt_jax import paths
 
 
-def to_unit(pixels_uint8):
-  """uint8 [0, 255] -> float32 [-1, 1], the scale the centres live in."""
-  return jnp.asarray(pixels_uint8, jnp.float32) / 127.5 - 1.0
+def to_unit(pixels_uint8) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1], the scale the centres live in.
+
+  x times float32(1 / 127.5), minus 1: what XLA CPU compiled `x / 127.5 - 1` to (a division by
+  a constant becomes a product with its reciprocal), so tokens are those of earlier runs; in
+  numpy, so that no backend rounds it another way.
+  """
+  return np.asarray(pixels_uint8, np.float32) * np.float32(1 / 127.5) - np.float32(1)
 
 
 def check_palette(palette, k: int | None = None) -> np.ndarray:
@@ -47,20 +58,85 @@ def _check_images(images) -> None:
 
 @jax.jit
 def _nearest(points, palette):  # [N, 3], [k, 3] -> int32 [N]
-  # Exact squared distances, channel by channel in a fixed order, rather than the matmul form
-  # |c|^2 - 2 x.c: a dot rounds differently on each backend (and in TF), which flips near-ties,
-  # while these plain float32 ops give the same ids in JAX and in the tf.data graph (data.py).
+  """Nearest centres of float points, for fitting (the centres move). Not the tokens' definition:
+  XLA fuses a square and the following add into one FMA, which rounds once where
+  `distance_tables` rounds twice, and so differs on rare near-ties."""
   scores = sum((points[:, i:i + 1] - palette[None, :, i]) ** 2 for i in range(3))
   return jnp.argmin(scores, axis=-1).astype(jnp.int32)
+
+
+def distance_tables(palette) -> np.ndarray:
+  """float32 [3, 256, k]: squared distance from each level of each channel to each centre's.
+
+  A pixel's distance to centre j is (d[0, r, j] + d[1, g, j]) + d[2, b, j], in float32, and its
+  token the first j of the least: the definition of "nearest" (numpy, op by op: no fused FMA).
+  """
+  palette = check_palette(palette)
+  levels = to_unit(np.arange(256, dtype=np.uint8))
+  return np.stack([np.square(levels[:, None] - palette[:, i]) for i in range(3)])
+
+
+TABLE_CELL = 4  # `nearest_table` bounds blocks of 4x4x4 colours
+
+
+def _build_table(d: np.ndarray) -> np.ndarray:
+  """`distance_tables` d [3, 256, k] -> uint16 [256, 256, 256]: every colour's nearest centre.
+
+  Exhaustive search is 2^24 x k sums (36 s on one core at k = 512). Here, for each block of
+  4x4x4 colours, the sums of the per-channel minima (maxima) over the block bound every
+  colour's distance to centre j from below (above): float addition is monotone, so they bound
+  the exact float32 sums too. Only centres whose lower bound is at most the least upper bound
+  can be nearest anywhere in the block (ties included), about 2 of 512; the exact sums are
+  taken over those alone, and the least index among the minima wins, as in an argmin.
+  """
+  k, n, cell = d.shape[-1], 256 // TABLE_CELL, TABLE_CELL
+  blocks = d.reshape(3, n, cell, k)
+  lo, hi = blocks.min(2), blocks.max(2)  # [3, n, k]
+  out = np.empty((n, cell, 256, 256), np.uint16)
+  for i in range(n):  # one block of red levels at a time: [n, n, k] bounds
+    lower = (lo[0, i] + lo[1][:, None]) + lo[2][None, :]
+    upper = (hi[0, i] + hi[1][:, None]) + hi[2][None, :]
+    keep = (lower <= upper.min(-1, keepdims=True)).reshape(n * n, k)
+    block, centre = np.nonzero(keep)  # block-major, centres ascending within a block
+    g, b = block // n, block % n
+    red = blocks[0][i][:, centre].T  # [P, 4]: P (block, centre) pairs, the block's 4 levels
+    green, blue = blocks[1][g, :, centre], blocks[2][b, :, centre]  # [P, 4]
+    sums = ((red[:, :, None, None] + green[:, None, :, None])
+            + blue[:, None, None, :]).reshape(len(centre), -1)  # [P, 64]: the block's colours
+    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+    least = np.repeat(np.minimum.reduceat(sums, starts), np.diff(np.r_[starts, len(block)]), 0)
+    ids = np.minimum.reduceat(np.where(sums == least, centre[:, None], k), starts)  # [n*n, 64]
+    out[i] = (ids.reshape(n, n, cell, cell, cell).transpose(2, 0, 3, 1, 4)
+              .reshape(cell, 256, 256))
+  return out.reshape(256, 256, 256)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_table(palette_bytes: bytes, k: int) -> np.ndarray:
+  table = _build_table(distance_tables(np.frombuffer(palette_bytes, np.float32).reshape(k, 3)))
+  table.flags.writeable = False
+  return table
+
+
+def nearest_table(palette) -> np.ndarray:
+  """uint16 [256, 256, 256]: the token of every RGB colour (`distance_tables`' nearest centre).
+
+  A pure function of the palette, so every host builds the same table (about 2 s of one core
+  and 32 MiB; kept for the last two palettes of the process).
+  """
+  palette = check_palette(palette)
+  if len(palette) > 2 ** 16:
+    raise ValueError(f"a palette of {len(palette)} colours does not fit uint16 token ids")
+  return _cached_table(palette.tobytes(), len(palette))
 
 
 def quantize(images_uint8, palette) -> jax.Array:
   """uint8 images [..., H, W, 3] -> int32 tokens [..., H*W] (raster order, nearest centre)."""
   _check_images(images_uint8)
-  palette = jnp.asarray(check_palette(palette))
-  shape = np.shape(images_uint8)
-  tokens = _nearest(to_unit(images_uint8).reshape(-1, 3), palette)
-  return tokens.reshape(*shape[:-3], shape[-3] * shape[-2])
+  table = nearest_table(palette)
+  images = np.asarray(images_uint8)
+  tokens = table[images[..., 0], images[..., 1], images[..., 2]].astype(np.int32)
+  return jnp.asarray(tokens.reshape(*images.shape[:-3], -1))
 
 
 def dequantize(tokens, palette, n_px: int) -> np.ndarray:

@@ -23,6 +23,7 @@ XLA's cost analysis counts the scanned block once.
   target(topology, slices=1) -> Target                             the chips and their specs
   dtype_for(config, target) -> (config, note)                      float16 before Ampere
   lower(program, config, mesh) -> (cfg, abstract arguments, lowered)
+  input_needs(record, images_per_core_s=None) -> the host cores the planned step's input takes
 """
 
 from __future__ import annotations
@@ -418,6 +419,7 @@ def plan(config: ml_collections.ConfigDict, topology: str,
       device_kind=tgt.devices[0].device_kind, mesh=dict(mesh.shape),
       model=config.model.get("preset") or "explicit", n_px=cfg.n_px,
       params=model_lib.param_count(cfg), batch=config.batch_size,
+      hosts=len({d.process_index for d in tgt.devices}),
       accum_steps=config.accum_steps, dtype=cfg.dtype, remat=cfg.remat,
       scan_layers=cfg.scan_layers, attention=cfg.attention,
       hbm_gib=round(tgt.hbm_bytes / GIB, 2),
@@ -459,3 +461,40 @@ def plan(config: ml_collections.ConfigDict, topology: str,
                 est_mfu=(round(record["flops_per_step"] / (est * len(tgt.devices) * tgt.peak_flops),
                                4) if est else None))
   return record
+
+
+# -- the input a plan needs -------------------------------------------------------------------
+
+# Each host's CPUs (vCPUs) with the machine they are counted on and where that is published: a
+# host's input pipeline (igpt_jax/data.py) must turn its share of every batch into tokens within
+# the step. TPU hosts are the 4-chip VMs of multi-host slices (libtpu's hosts); GPU hosts the
+# Google Cloud 8-GPU machines (AWS p5 / p5e have 192 vCPUs, p4d 96; a DGX H100 has 112 cores).
+HOST_CPUS = {
+    "v4": (240, "ct4p-hightpu-4t", "cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus"),
+    "v5e": (112, "ct5lp-hightpu-4t", "cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus"),
+    "v5p": (208, "ct5p-hightpu-4t", "cloud.google.com/tpu/docs/v5p"),
+    "v6e": (180, "ct6e-standard-4t", "cloud.google.com/kubernetes-engine/docs/concepts/plan-tpus"),
+    "h100": (208, "a3-highgpu-8g", "cloud.google.com/compute/docs/accelerator-optimized-machines"),
+    "h200": (224, "a3-ultragpu-8g", "cloud.google.com/compute/docs/accelerator-optimized-machines"),
+    "a100": (96, "a2-highgpu-8g", "cloud.google.com/compute/docs/accelerator-optimized-machines"),
+    "v100": (96, "n1-standard-96 with 8 V100", "cloud.google.com/compute/docs/gpus"),
+}
+# Images/s one host core turns into tokens by resolution: `python -m bench.data --threads 1
+# --imagenet ...` on 1,000 ImageNet JPEGs with the ImageNet augmentation (docs/performance.md).
+INPUT_IMAGES_PER_CORE_S = {32: 661, 48: 611, 64: 575}
+
+
+def input_needs(record: dict, images_per_core_s: float | None = None) -> dict:
+  """The input one host must deliver for a plan's estimated train step. -> {} without an
+  estimate, else its images/s per host (the batch over the hosts, each step), the cores that
+  takes at images_per_core_s (default: INPUT_IMAGES_PER_CORE_S at the nearest resolution), and
+  the host's vCPUs (HOST_CPUS; None for a machine not listed) with `input_fits`."""
+  if not record.get("est_step_s"):
+    return {}
+  n_px = min(INPUT_IMAGES_PER_CORE_S, key=lambda n: abs(n - record["n_px"]))
+  rate = images_per_core_s or INPUT_IMAGES_PER_CORE_S[n_px]
+  per_host = record["batch"] / record["hosts"] / record["est_step_s"]
+  cpus, machine, _ = HOST_CPUS.get(record["topology"].partition(":")[0], (None, None, None))
+  return dict(input_images_per_s_per_host=round(per_host), input_images_per_core_s=rate,
+              input_cores_per_host=round(per_host / rate, 2), host_cpus=cpus,
+              host_machine=machine, input_fits=None if cpus is None else per_host / rate <= cpus)

@@ -14,10 +14,12 @@ program of the run (`--programs`, default all: train, eval, extract, sample, fin
 igpt_jax/plan.py) on the config's mesh and prints, per program, per-chip memory against the
 chip's HBM, the attention it compiled and the compile time; then FLOPs per train step and its
 estimated time with the tokens/s and MFU it implies: the TPU compiler's estimate, or on GPUs a
-roofline whose assumptions are printed (neither is a measurement). Exits 1, with the reason
-and the knob that helps, when a program does not fit. The last line of stdout is one JSON
-object. Needs libtpu for TPUs (`pip install -e '.[tpu]'`), the CUDA compiler plugin for GPUs
-(`pip install -e '.[gpu-plan]'`).
+roofline whose assumptions are printed (neither is a measurement); and the images/s each host's
+input pipeline must deliver at that step, the host cores it takes (at
+--input_images_per_core_s) against the host's vCPUs, with a warning when they are not enough.
+Exits 1, with the reason and the knob that helps, when a program does not fit. The last line of
+stdout is one JSON object. Needs libtpu for TPUs (`pip install -e '.[tpu]'`), the CUDA compiler
+plugin for GPUs (`pip install -e '.[gpu-plan]'`).
 """
 
 import json
@@ -45,12 +47,16 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice (v5p:4x4x2, v5e:4x4
 _SLICES = flags.DEFINE_integer("slices", 1, "TPU slices of --topology joined over DCN.")
 _PROGRAMS = flags.DEFINE_list("programs", list(plan.PROGRAMS),
                               f"Programs to compile, some of {', '.join(plan.PROGRAMS)}.")
+_INPUT_RATE = flags.DEFINE_float(
+    "input_images_per_core_s", None, "Images/s one host core turns into tokens (bench.data); "
+    f"default by resolution {plan.INPUT_IMAGES_PER_CORE_S}, measured on ImageNet JPEGs.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   record = plan.plan(_CONFIG.value, _TOPOLOGY.value, _PROGRAMS.value, _SLICES.value)
+  record.update(plan.input_needs(record, _INPUT_RATE.value))
   unit = "GPU" if record["device_kind"].startswith("NVIDIA") else "chip"
   slices = f" x {record['slices']} slices" if record["slices"] > 1 else ""
   print(f"{record['model']} ({record['params'] / 1e6:.0f}M, {record['n_px']}x{record['n_px']}, "
@@ -71,6 +77,16 @@ def main(argv):
     print(f"train step: {record['flops_per_step'] / 1e12:.1f} TFLOP, estimated "
           f"{record['est_step_s'] * 1e3:.1f} ms, {record['est_tokens_per_s']:.0f} tokens/s, MFU "
           f"{record['est_mfu']:.1%}; estimate: {record['estimate']}", flush=True)
+  if "input_images_per_s_per_host" in record:
+    host = (f"of the {record['host_cpus']} vCPUs of one {record['host_machine']}"
+            if record["host_cpus"] else "(no vCPU count for this machine)")
+    print(f"input: {record['input_images_per_s_per_host']} images/s per host (batch "
+          f"{record['batch']} over {record['hosts']}), {record['input_cores_per_host']} cores "
+          f"at {record['input_images_per_core_s']:.0f} images/s per core, {host}", flush=True)
+    if record["input_fits"] is False:
+      print(f"WARNING: the input needs {record['input_cores_per_host']} cores per host, more "
+            f"than its {record['host_cpus']}: a faster pipeline, a smaller step, or more "
+            "hosts", flush=True)
   print(json.dumps(record), flush=True)
   if not record["fits"]:
     sys.exit(1)

@@ -10,11 +10,12 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
 cannot run, such as a TPU run's splash, replaced by "auto"). Writes `samples.png` +
 `samples.npy` (tokens [num, T]), or
 `completions.png` (rows: input | completions | original) + `completions.npy` (tokens
-[num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several devices the
-batch is split over as many of them as divide it evenly; on a CPU host every core is one device
-(`sharding.use_one_cpu_device_per_core`), since one XLA CPU device decodes on about one core.
-`--mesh=1,-1,1` restores the parameters split over this host's devices instead (iGPT-XL's 27 GB
-of float32 weights on 16 GB chips).
+[num, samples_per_image, T]) and `originals.npy` (tokens [num, T]). With several accelerators
+the batch is split over as many of them as divide it evenly; on a CPU host every core is one
+device (`sharding.use_one_cpu_device_per_core`), since one XLA CPU device decodes on about one
+core, and the model is split over them by heads (`sample.host_mesh`). `--mesh=1,-1,1` restores
+the parameters split over this host's devices instead (iGPT-XL's 27 GB of float32 weights on
+16 GB chips).
 """
 
 # pylint: disable=wrong-import-position
@@ -60,8 +61,8 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
 _MESH = flags.DEFINE_list(
     "mesh", None, "data,fsdp,tensor sizes of a mesh over this host's devices (-1: the rest), "
     "e.g. 1,-1,1: the parameters are restored split over it, for models larger than one "
-    "device, and the images split over data x fsdp. Default: the parameters on one device, "
-    "copied to as many devices as split the batch.")
+    "device, and the images split over data x fsdp. Default: sample.host_mesh (on a CPU host "
+    "the model split by heads over its cores; accelerators split the batch).")
 
 
 def main(argv):
@@ -85,8 +86,9 @@ def main(argv):
 
   if not _COMPLETE.value:
     with console.status(f"sampling {_NUM.value} images of {cfg.n_ctx} tokens"):
-      tokens = np.asarray(sample_lib.sample(cfg, params, rng, batch_size=_NUM.value,
-                                            mesh=mesh or sharding.data_mesh(_NUM.value), **kw))
+      tokens = np.asarray(sample_lib.sample(
+          cfg, params, rng, batch_size=_NUM.value,
+          mesh=mesh or sample_lib.host_mesh(cfg, _NUM.value), **kw))
     paths.save_npy(out / "samples.npy", tokens)
     path = out / "samples.png"
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
@@ -109,7 +111,8 @@ def main(argv):
                       f"({cfg.n_ctx - prefix_len} of {cfg.n_ctx} tokens each)"):
     completions = np.asarray(sample_lib.complete(
         cfg, params, rng, originals, prefix_len, samples=_SAMPLES_PER_IMAGE.value,
-        mesh=mesh or sharding.data_mesh(len(originals) * _SAMPLES_PER_IMAGE.value), **kw))
+        mesh=mesh or sample_lib.host_mesh(cfg, len(originals) * _SAMPLES_PER_IMAGE.value),
+        **kw))
   paths.save_npy(out / "completions.npy", completions)
   paths.save_npy(out / "originals.npy", originals)
   path = out / "completions.png"

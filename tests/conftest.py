@@ -42,6 +42,31 @@ def cifar10_sample(cifar10_npz):
     return f["images"][:512], f["labels"][:512]
 
 
+IMAGENET_SAMPLE = pathlib.Path(os.environ.get("IGPT_IMAGENET_SAMPLE",
+                                              SHARED_DATA / "imagenet_sample"))
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> pathlib.Path:
+  """An image folder of real ImageNet JPEGs, `<root>/train/<class>/*.JPEG`: the 1,000 validation
+  images of github.com/EliSchwartz/imagenet-sample-images laid out as docs/performance.md shows,
+  at $IGPT_IMAGENET_SAMPLE (default ../shared/data/imagenet_sample)."""
+  if not (IMAGENET_SAMPLE / "train").is_dir():
+    pytest.skip(f"real ImageNet JPEGs not found at {IMAGENET_SAMPLE}/train (set "
+                "IGPT_IMAGENET_SAMPLE; docs/performance.md says how to lay them out)")
+  return IMAGENET_SAMPLE
+
+
+def tie_palette(centres):
+  """centres [k, 3] with exact ties added: the first 4 repeated after the rest, 4 more with green
+  and blue swapped (equal for grey pixels up to the order of the float additions), and a pair at
+  +-2^-8 from red level 100 (exactly equidistant from it)."""
+  levels = palette_lib.to_unit(np.arange(256, dtype=np.uint8))
+  pair = np.array([[levels[100] + 2 ** -8, levels[50], levels[60]],
+                   [levels[100] - 2 ** -8, levels[50], levels[60]]], np.float32)
+  return np.concatenate([centres, centres[:4], centres[4:8][:, [0, 2, 1]], pair])
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

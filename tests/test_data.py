@@ -4,10 +4,12 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpt_jax import data, palette as palette_lib
+from conftest import tie_palette
+from igpt_jax import data, images, palette as palette_lib
 
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -41,14 +43,38 @@ def test_import_does_not_load_tensorflow():
   assert out.stdout.strip() == "False"
 
 
-def test_quantize_in_graph_equals_palette_quantize(cifar10_sample, tmp_path):
-  images = cifar10_sample[0][:256]
-  pal = palette_lib.fit_palette(images, 512, steps=30, batch_size=8192)
-  path = tmp_path / "q.npz"
-  np.savez(path, images=images, labels=np.arange(256))
-  batches = data.make_dataset({"name": str(path)}, split="train", batch_size=64, palette=pal,
-                              n_px=32, train=False)
+def distance_table_tokens(images, palette):
+  """uint8 [N, H, W, 3] -> (int32 [N, H*W], pixels at a tie): the pipeline's quantization before
+  the lookup table (data.py's `_distance_tables` and `_quantize` until issue 33), as it ran."""
+  levels = np.asarray(jnp.asarray(np.arange(256, dtype=np.uint8), jnp.float32) / 127.5 - 1.0)
+  tables = tf.constant(np.stack([(levels[:, None] - palette[:, i]) ** 2 for i in range(3)]))
+  out, ties = [], 0
+  for chunk in np.array_split(images, -(-len(images) // 16)):
+    v = tf.reshape(tf.cast(chunk, tf.int32), [-1, 3])
+    scores = sum(tf.gather(tables[i], v[:, i]) for i in range(3))
+    out.append(tf.argmin(scores, -1, output_type=tf.int32).numpy().reshape(len(chunk), -1))
+    least = (scores == tf.reduce_min(scores, -1, keepdims=True)).numpy()
+    ties += int((least.sum(-1) > 1).sum())
+  return np.concatenate(out), ties
+
+
+@pytest.mark.parametrize("source", ["cifar10", "imagenet"])
+def test_tokens_equal_the_distance_table_quantization_on_real_images_ties_included(
+    source, tmp_path, request):
+  if source == "cifar10":
+    images = request.getfixturevalue("cifar10_sample")[0][:256]
+    np.savez(tmp_path / "q.npz", images=images, labels=np.arange(256))
+    cfg = {"name": str(tmp_path / "q.npz")}
+  else:
+    cfg = {"name": str(request.getfixturevalue("imagenet_sample")), "augment": "imagenet"}
+    images = data.load_images(cfg, "train[:128]", n_px=32)[0]  # as the eval pipeline sees them
+  pal = tie_palette(palette_lib.fit_palette(images, 500, steps=30, batch_size=8192))
+  split = "train" if source == "cifar10" else "train[:128]"
+  batches = data.make_dataset(cfg, split=split, batch_size=64, palette=pal, n_px=32, train=False)
   tokens = np.concatenate([b["tokens"] for b in batches])
+  want, ties = distance_table_tokens(images, pal)
+  assert ties > 1000  # the duplicated centres' pixels, at least
+  np.testing.assert_array_equal(tokens, want)
   np.testing.assert_array_equal(tokens, np.asarray(palette_lib.quantize(images, pal)))
 
 
@@ -148,7 +174,7 @@ def test_host_sizes_are_counted_once_per_split(npz, monkeypatch):
 
 def _preprocess(image, augment, n_px, seed):
   seed = None if seed is None else tf.constant([0, seed], tf.int64)
-  return data._preprocess(tf.constant(image), augment, n_px, seed).numpy()
+  return images.preprocess(tf.constant(image), augment, n_px, seed).numpy()
 
 
 def test_area_resize_averages_blocks(cifar10_sample):
@@ -180,6 +206,58 @@ def test_imagenet_augment_crops_then_downscales():
   # Eval: the centre 300x300 square (the paper's short side 224 + centre crop), downscaled.
   want = np.rint(image[:, 50:350].astype(np.float64).reshape(15, 20, 15, 20, 3).mean((1, 3)))
   np.testing.assert_allclose(_preprocess(image, "imagenet", 15, None), want, atol=1)
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory, cifar10_sample):
+  """An image folder (class = index % 2) of 12 JPEGs, real CIFAR-10 images enlarged to 72x96 or
+  96x72 (libjpeg's default 4:2:0 chroma), and 2 PNGs."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("jpegs")
+  for i, image in enumerate(cifar10_sample[0][:14]):
+    os.makedirs(root / f"c{i % 2}", exist_ok=True)
+    image = Image.fromarray(image).resize((96, 72) if i % 3 else (72, 96), Image.BICUBIC)
+    image.save(root / f"c{i % 2}" / f"{i:02d}.{'png' if i >= 12 else 'jpg'}", quality=90)
+  return root
+
+
+def crop_decode_differences(files, n_px: int, seeds) -> np.ndarray:
+  """|window decoded alone - window of the whole decode| after the resize to n_px, for each file
+  and seed (None: the eval centre square): int [files * seeds, n_px, n_px]."""
+  out = []
+  for f in files:
+    whole = tf.io.decode_jpeg(tf.io.read_file(str(f)), channels=3)
+    for seed in seeds:
+      seed = None if seed is None else tf.constant([7, seed], tf.int64)
+      alone = images.preprocess(tf.constant(str(f)), "imagenet", n_px, seed, images.file_view)
+      cut = images.preprocess(whole, "imagenet", n_px, seed)
+      out.append(np.abs(alone.numpy().astype(int) - cut.numpy().astype(int)).max(-1))
+  return np.stack(out)
+
+
+def test_a_jpeg_window_decoded_alone_is_the_whole_decodes_but_at_its_border(jpegs):
+  diff = crop_decode_differences(sorted(jpegs.rglob("*.jpg")), 16, [None, *range(8)])
+  assert not diff[:, 1:-1, 1:-1].any()  # chroma upsampling differs at the window's edge only
+  assert diff.max() <= 8 and diff.mean() < 0.05
+
+
+def test_real_imagenet_windows_decoded_alone_differ_only_at_their_border(imagenet_sample):
+  files = sorted((imagenet_sample / "train").rglob("*.JPEG"))[::10]
+  diff = crop_decode_differences(files, 32, [None, 0, 1])
+  assert not diff[:, 2:-2, 2:-2].any()
+  assert (diff > 0).mean() < 1e-3
+
+
+def test_jpeg_folder_stream_resumes_exactly_and_splits_over_hosts(jpegs):
+  cfg = {"name": str(jpegs), "augment": "imagenet", "shuffle_buffer": 14}
+  full = _take(_tokens(cfg, seed=4, n_px=16), 8)  # 14 files, batch 4: into the third epoch
+  for x, y in zip(full[5:], _take(_tokens(cfg, seed=4, n_px=16, start_step=5), 3)):
+    for key in ("tokens", "labels"):
+      np.testing.assert_array_equal(x[key], y[key])
+  hosts = [{r.tobytes() for b in _tokens(cfg, n_px=16, train=False, process_index=i,
+                                         process_count=2) for r in b["tokens"][b["valid"]]}
+           for i in (0, 1)]
+  assert len(hosts[0]) == len(hosts[1]) == 7 and not hosts[0] & hosts[1]
 
 
 def test_local_npz_directory_and_image_folder(tmp_path, cifar10_sample):

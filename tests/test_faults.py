@@ -202,6 +202,27 @@ def test_bad_image_file_is_an_error_naming_it_without_skip(folder):
     data.load_images(cfg, "train")
 
 
+def test_a_truncated_jpeg_is_skipped_where_its_window_is_decoded(tmp_path, cifar10_sample,
+                                                                 caplog):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "jpegs"
+  for i, image in enumerate(cifar10_sample[0][:8]):
+    os.makedirs(root / f"c{i % 2}", exist_ok=True)
+    Image.fromarray(image).resize((64, 48)).save(root / f"c{i % 2}" / f"{i}.jpg")
+  raw = (root / "c1" / "3.jpg").read_bytes()
+  (root / "c1" / "3.jpg").write_bytes(raw[:len(raw) // 4])  # its header whole, its scan cut
+  with caplog.at_level("WARNING"):
+    batches = [next(it) for it in [stream(root)] for _ in range(6)]  # three epochs
+  warnings = [r.getMessage() for r in caplog.records if "skipping image" in r.getMessage()]
+  assert len(warnings) == 1 and re.search(r"(?i)c1/3\.jpg: not a decodable image .*truncated",
+                                          warnings[0]), warnings
+  good = {row.tobytes() for b in stream(root, train=False) for row in b["tokens"][b["valid"]]}
+  assert len(good) == 7
+  assert all({r.tobytes() for r in b["tokens"]} <= good for b in batches)
+  for k, got in zip((4, 5), [next(it) for it in [stream(root, start_step=4)] for _ in range(2)]):
+    np.testing.assert_array_equal(got["tokens"], batches[k]["tokens"])
+
+
 @pytest.mark.slow
 def test_skipped_files_are_counted_in_metrics(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_BAD_FILES", {})  # this run's count only

@@ -1,11 +1,12 @@
 """The palette on real CIFAR-10 pixels: nearest-centre property, round trip, k-means progress;
 one palette per job."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from igpt_jax import palette as P
-from conftest import run_pair
+from conftest import run_pair, tie_palette
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,37 @@ def test_a_job_fits_one_palette_on_process_0_and_every_process_reads_it(cifar10_
   saved = P.load_palette(tmp_path / "run" / "palette.npy")
   for o in outs:  # bit for bit the file's
     np.testing.assert_array_equal(np.asarray(o["palette"], np.float32), saved)
+
+
+def distance_table_tokens(pixels, palette):
+  """Tokens as the pipeline computed them before the lookup table, restated: float32 squared
+  distances per channel from levels scaled as XLA CPU scales x / 127.5 - 1, summed red + green,
+  then + blue; the first least centre. pixels uint8 [N, 3] -> (int [N], ties: bool [N])."""
+  levels = np.asarray(jnp.asarray(np.arange(256), jnp.float32) / 127.5 - 1.0)
+  d = [(levels[:, None] - palette[:, c]) ** 2 for c in range(3)]
+  tokens, ties = [], []
+  for p in np.array_split(pixels, -(-len(pixels) // 2 ** 16)):
+    sums = (d[0][p[:, 0]] + d[1][p[:, 1]]) + d[2][p[:, 2]]  # [n, k] float32
+    tokens.append(np.argmin(sums, -1))
+    ties.append((sums == sums.min(-1, keepdims=True)).sum(-1) > 1)
+  return np.concatenate(tokens), np.concatenate(ties)
+
+
+def test_quantize_is_the_distance_tables_nearest_centre_where_xla_fuses_an_fma():
+  # For this colour and palette, centres 387 and 409 are 0.03244394 away in the distance tables'
+  # float32 sums; XLA CPU fused (c - x)^2 + s into one FMA and found 409 nearer (0.032443937),
+  # so quantize disagreed with the tokens the pipeline trains on.
+  palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
+  pixel = np.array([[[200, 89, 141]]], np.uint8)
+  want, _ = distance_table_tokens(pixel.reshape(1, 3), palette)
+  assert int(np.asarray(P.quantize(pixel, palette))[0]) == int(want[0]) == 387
+
+
+def test_nearest_table_is_the_distance_tables_argmin_for_every_colour_ties_included():
+  palette = tie_palette(np.random.default_rng(1).uniform(-1, 1, (10, 3)).astype(np.float32))
+  table = P.nearest_table(palette)
+  assert table.shape == (256, 256, 256) and table.dtype == np.uint16
+  colours = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1)
+  want, ties = distance_table_tokens(colours.reshape(-1, 3), palette)
+  assert ties.sum() > 1000  # the palette does tie, on many colours
+  np.testing.assert_array_equal(table.reshape(-1), want)

@@ -43,13 +43,32 @@ def test_topology_names_are_checked():
     plan.target("h100:8", slices=2)
 
 
+def test_input_needs_give_the_host_cores_that_feed_the_planned_step():
+  # iGPT-S on one 8-GPU host: batch 128 in an estimated 19 ms.
+  record = dict(topology="h100:8", hosts=1, batch=128, n_px=32, est_step_s=0.019)
+  need = plan.input_needs(record, images_per_core_s=400)
+  assert need["input_images_per_s_per_host"] == 6737 and need["input_cores_per_host"] == 16.84
+  assert need["host_cpus"] == 208 and need["host_machine"] == "a3-highgpu-8g"
+  assert need["input_fits"]
+  # Each of 8 hosts feeds an eighth of the batch; a step too short for the host's CPUs warns.
+  eight = plan.input_needs({**record, "topology": "v5p:4x4x4", "hosts": 8}, 400)
+  assert eight["input_cores_per_host"] == 2.11
+  assert plan.input_needs({**record, "est_step_s": 0.0001}, 400)["input_fits"] is False
+  # The default rate is bench.data's at the nearest resolution; no estimate, no input figures.
+  assert plan.input_needs({**record, "n_px": 64})["input_images_per_core_s"] == \
+      plan.INPUT_IMAGES_PER_CORE_S[64]
+  assert plan.input_needs({**record, "est_step_s": None}) == {}
+  unknown = plan.input_needs({**record, "topology": "v100:8"}, 400)
+  assert unknown["host_cpus"] is None and unknown["input_fits"] is None
+
+
 @pytest.mark.slow
 def test_tpu_plan_compiles_every_program_with_the_compilers_memory_and_estimate():
   needs_tpu_compiler()
   config = tiny_config(UNUSED, model=MODEL, mesh=(2, 2, 1))
   record = plan.plan(config, "v5p:2x2x1")
   assert list(record["programs"]) == list(plan.PROGRAMS)
-  assert record["topology"] == "v5p:2x2x1" and record["chips"] == 4
+  assert record["topology"] == "v5p:2x2x1" and record["chips"] == 4 and record["hosts"] == 1
   assert record["device_kind"].startswith("TPU") and record["hbm_gib"] == 95
   assert record["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
   assert record["fits"] and all(r["fits"] for r in record["programs"].values())

@@ -92,6 +92,23 @@ def test_completions_keep_the_prompt(params):
   assert sample_lib.prefix_length(CFG, rows=2) == 8 == sample_lib.prefix_length(CFG, fraction=.5)
 
 
+def test_a_cpu_host_splits_the_model_over_its_cores_then_the_batch():
+  # conftest fakes 8 CPU devices: CFG's 4 heads split over 4 of them, the images over the rest.
+  shape = lambda batch, cfg=CFG: dict(sample_lib.host_mesh(cfg, batch).shape)
+  assert shape(4) == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert shape(1) == shape(3) == {"data": 1, "fsdp": 1, "tensor": 4}
+  assert shape(8, CFG.replace(n_head=8, n_embd=64)) == {"data": 1, "fsdp": 1, "tensor": 8}
+  assert sample_lib.host_mesh(CFG.replace(n_head=1), 1) is None
+
+
+@pytest.mark.slow
+def test_sampling_with_the_model_split_over_cpu_cores_draws_the_same_tokens(params, prompt):
+  mesh = sample_lib.host_mesh(CFG, len(prompt))
+  want = sample_lib.sample(CFG, params, jax.random.key(6), prompt=prompt)
+  got = sample_lib.sample(CFG, params, jax.random.key(6), prompt=prompt, mesh=mesh)
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.slow
 def test_sharded_sampling_equals_unsharded(params, prompt):
   assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
