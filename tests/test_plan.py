@@ -58,7 +58,7 @@ def test_input_needs_give_the_host_cores_that_feed_the_planned_step():
   assert plan.input_needs({**record, "n_px": 64})["input_images_per_core_s"] == \
       plan.INPUT_IMAGES_PER_CORE_S[64]
   assert plan.input_needs({**record, "est_step_s": None}) == {}
-  unknown = plan.input_needs({**record, "topology": "v100:8"}, 400)
+  unknown = plan.input_needs({**record, "topology": "l4:8"}, 400)  # a GPU HOST_CPUS lacks
   assert unknown["host_cpus"] is None and unknown["input_fits"] is None
 
 
