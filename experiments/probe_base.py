@@ -40,6 +40,9 @@ def get_config():
   # SGD, momentum 0.9, cosine from lr to 0 (stream.py): every (lr, l2) trained in one pass.
   c.sgd = dict(lrs=(0.1, 0.3, 1.0), epochs=10, batch_size=1024, chunk_rows=8192)
 
+  # The best layer: of least validation cross-entropy ("val_loss") or highest validation
+  # accuracy ("val_accuracy"), on the held-out val_fraction of train; the test split only scores.
+  c.best_layer_by = "val_loss"
   c.concat_k = 5  # the concatenation of k layers around the best (1: none)
   # Low-data probes on the best layer (per-class balanced subsets, mean +- std over seeds;
   # L-BFGS in memory).

@@ -15,15 +15,16 @@ quadrant; layer n_layer is the ln_f output. docs/evaluation.md says which solver
 """
 
 from igpt_jax.probe.evaluator import make_evaluator
-from igpt_jax.probe.features import (PIXEL_KINDS, extract_features, feature_path, featurizer,
-                                     features_fn, load_feature, pixel_features, read_shard,
-                                     shards, write_features)
+from igpt_jax.probe.features import (PIXEL_KINDS, extract_features, feature_path, feature_set,
+                                     featurizer, features_fn, load_feature, pixel_features,
+                                     read_shard, shards, write_features)
 from igpt_jax.probe.logistic import (DEFAULT_L2S, accuracy, cross_entropy, fit_logistic,
                                      fits_per_probe, linear_probe, standardise,
                                      validation_split)
 from igpt_jax.probe.plots import (plot_accuracy, plot_probe_vs_loss, probe_rows, write_json,
                                   write_probe_vs_loss)
-from igpt_jax.probe.protocol import (LOW_DATA_SIZES, concat_layers, concat_window,
-                                     label_subset, low_data_probe, probe_layers, spread_layers)
-from igpt_jax.probe.run import run, run_checkpoints
+from igpt_jax.probe.protocol import (BEST_LAYER_BY, LOW_DATA_SIZES, best_layer, concat_layers,
+                                     concat_window, label_subset, low_data_probe, probe_layers,
+                                     spread_layers)
+from igpt_jax.probe.run import feature_sets, run, run_checkpoints
 from igpt_jax.probe.stream import lbfgs_bytes, solver_for, stream_probe
