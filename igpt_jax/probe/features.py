@@ -74,6 +74,37 @@ def features_fn(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], reading: str
   return jax.jit(features)
 
 
+def token_features(cfg: model_lib.IGPTConfig, params, tokens, layers: Sequence[int]):
+  """Per-token features for the attentive probe: float32 [B, T, D], the mean over `layers` of
+  each layer's ln_1 output (layer n_layer: the ln_f output), before any pooling.
+
+  Traceable (called inside the attentive probe's jitted programs); BERT models are read
+  unmasked. Scanned blocks are run one by one here (their parameters sliced off the layer axis),
+  so only the layers asked for are kept, never a [L, B, T, D] stack.
+  """
+  layers = tuple(sorted(set(layers)))
+  model_lib.check_layers(cfg, layers)
+  if cfg.scan_layers:
+    blocks = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(cfg.n_layer)}
+    params = {**{k: v for k, v in params.items() if k != "h"}, **blocks}
+  cfg = cfg.replace(scan_layers=False, remat="none")  # a forward pass: nothing to save for grads
+  wanted = {f"h_{l}" for l in layers if l < cfg.n_layer}
+
+  def captured(module, method):  # the ln_1 of the blocks asked for, and ln_f
+    return method == "__call__" and (
+        module.name == "ln_f" or (module.name == "ln_1" and module.parent.name in wanted))
+
+  mask = jnp.zeros(tokens.shape, bool) if cfg.objective == "bert" else None
+  _, state = model_lib.IGPT(cfg).apply(
+      {"params": params}, tokens, (max(layers),), "ln1", mask, method=model_lib.IGPT.features,
+      capture_intermediates=captured, mutable=["intermediates"])
+  got = state["intermediates"]
+  parts = [(got["ln_f"] if l == cfg.n_layer else got[f"h_{l}"]["ln_1"])["__call__"][0]
+           for l in layers]
+  out = sum(p.astype(jnp.float32) for p in parts) / len(parts)
+  return nn.with_logical_constraint(out, ("batch", None, None))
+
+
 def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None = None,
                reading: str = "ln1", mesh: Mesh | None = None, *, k_masks: int = 0,
                seed: int = 0) -> Callable:

@@ -19,14 +19,19 @@ LOW_DATA_SIZES = (40, 250, 4000)
 BEST_LAYER_BY = ("val_loss", "val_accuracy")
 
 
-def best_layer(records: Mapping[int, dict], by: str = "val_loss") -> int:
-  """The layer whose probe did best on its validation rows (held out of train): least
-  cross-entropy ("val_loss") or highest accuracy ("val_accuracy"), each at the probe's chosen
-  hyperparameters; ties go to the lower layer. The test split is never looked at."""
+def ranked_layers(records: Mapping[int, dict], by: str = "val_loss") -> list[int]:
+  """The layers, best first, by how their probes did on their validation rows (held out of
+  train): least cross-entropy ("val_loss") or highest accuracy ("val_accuracy"), each at the
+  probe's chosen hyperparameters; ties go to the lower layer. The test split is never read."""
   if by not in BEST_LAYER_BY:
     raise ValueError(f"best_layer_by={by!r}; expected one of {BEST_LAYER_BY}")
   sign = 1 if by == "val_loss" else -1
-  return min(records, key=lambda l: (sign * records[l][f"chosen_{by}"], l))
+  return sorted(records, key=lambda l: (sign * records[l][f"chosen_{by}"], l))
+
+
+def best_layer(records: Mapping[int, dict], by: str = "val_loss") -> int:
+  """The first of `ranked_layers`."""
+  return ranked_layers(records, by)[0]
 
 
 def probe_layers(fit: Callable[[list[int]], dict], layers: Iterable[int],

@@ -29,6 +29,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
 from igpt_jax import steps as steps_lib
+from igpt_jax.probe import attentive
 from igpt_jax.probe import features as features_lib
 from igpt_jax.probe import logistic
 from igpt_jax.probe import plots
@@ -202,7 +203,18 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
           l2s=tuple(config.l2s), val_fraction=config.val_fraction)
       bar.update(len(low.sizes) * low.seeds)
   curves = {"pretrained": {l: r["accuracy"] for l, r in table["layers"].items()}}
-  flat = {}
+  chosen, flat, points = {"pretrained": best}, {}, {}
+  if config.attentive.k_layers:
+    heads_on = protocol.ranked_layers(table["layers"], config.best_layer_by)[
+        :config.attentive.k_layers]
+    att = results["attentive"] = attentive.attentive_probe(
+        config.attentive, config.data, splits, cfg, params, palette, heads_on, mesh,
+        val_fraction=config.val_fraction)
+    summary["attentive"] = att["accuracy"]
+    points[f"attentive, layers {att['layers']}" if len(heads_on) > 1 else
+           "attentive"] = (best, att["accuracy"])
+    logging.info("attentive probe of layers %s: %.2f%% (linear at layer %d: %.2f%%)",
+                 att["layers"], 100 * att["accuracy"], best, 100 * table["best_accuracy"])
   if baselines:
     with probing("baselines: random init, pixels",
                  len(layers) + len(features_lib.PIXEL_KINDS)) as bar:
@@ -210,6 +222,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                                      config.best_layer_by)
       results["baselines"] = {"random_init": random}
       curves["random init"] = {l: r["accuracy"] for l, r in random["layers"].items()}
+      chosen["random init"] = random["best_layer"]
       summary["random_init"] = random["best_accuracy"]
       for kind in features_lib.PIXEL_KINDS:
         r = results["baselines"][f"pixels_{kind}"] = fit([f"pixels_{kind}"])
@@ -218,7 +231,8 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   results["summary"] = summary
   if jax.process_index() == 0:
     plots.write_json(paths.path(out_dir) / "results.json", results)
-    plots.plot_accuracy(paths.path(out_dir) / "accuracy_by_layer.png", curves, flat)
+    plots.plot_accuracy(paths.path(out_dir) / "accuracy_by_layer.png", curves, flat,
+                        chosen=chosen, points=points)
   logging.info("summary: %s", summary)
   return results
 
