@@ -102,7 +102,7 @@ def test_joint_training_through_the_frozen_model_equals_stored_features(tiny_npz
                                           palette, (1, 2), mesh)
   memory, joint = got["memory"], got["joint"]
   assert (memory["mode"], joint["mode"], memory["layers"]) == ("memory", "joint", [1, 2])
-  assert memory["memory_bytes"] == 48 * CFG.n_ctx * CFG.n_embd * 4
+  assert memory["memory_bytes_per_process"] == 48 * CFG.n_ctx * CFG.n_embd * 4
   assert (memory["n_fit"] + memory["n_val"], memory["n_test"]) == (32, 16)
   for a, b in zip(memory["grid"], joint["grid"]):
     np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-4)

@@ -214,9 +214,10 @@ def test_run_writes_results_plot_and_baselines(run_dir):
   assert len(saved["pretrained"]["layers"]) == CFG.n_layer + 1
   assert (saved["n_train"], saved["n_test"]) == (32, 16)
   assert (out / "accuracy_by_layer.png").stat().st_size > 1000
-  feats = probe.load_feature(out / "features", "test", "layer01")
+  feat_dir, sets = probe.feature_sets(out)
+  feats = probe.load_feature(feat_dir, sets["test"], "layer01")
   assert feats.shape == (16, 4 * CFG.n_embd)  # the demo config reads quadrant means
-  assert probe.load_feature(out / "features", "train", "pixels_histogram").shape == (
+  assert probe.load_feature(feat_dir, sets["train"], "pixels_histogram").shape == (
       32, CFG.vocab_size)
   assert {r["solver"] for r in saved["pretrained"]["layers"].values()} == {"lbfgs"}
 

@@ -159,18 +159,25 @@ def _pad(x: np.ndarray, rows: int) -> np.ndarray:
       len(x) < rows) else x
 
 
-def _job_max(value: int) -> int:
+def _gathered(x: np.ndarray) -> np.ndarray:
+  """[P, ...]: every process's x (int64 or float64), stacked in process order. Sent as raw
+  32-bit words: without jax_enable_x64, 64-bit values would arrive cut to 32 bits."""
+  x = np.asarray(x)
   if jax.process_count() == 1:
-    return int(value)
-  return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+    return x[None]
+  words = multihost_utils.process_allgather(np.ascontiguousarray(x).view(np.uint32))
+  return np.asarray(words, np.uint32).view(x.dtype)
+
+
+def _job_max(value: int) -> int:
+  return int(np.max(_gathered(np.array([value], np.int64))))
 
 
 def _over_shards(per_shard: np.ndarray) -> np.ndarray:
-  """Sums [S_local, ...] float64 per-shard sums over every shard of the job, in shard order:
+  """Sums [S_local, ...] per-shard sums over every shard of the job, in shard order (float64):
   the same additions whatever the number of processes."""
-  if jax.process_count() > 1:
-    per_shard = multihost_utils.process_allgather(per_shard, tiled=True)
-  return np.sum(per_shard, axis=0)
+  stacked = _gathered(np.asarray(per_shard, np.float64))
+  return np.sum(stacked.reshape(-1, *stacked.shape[2:]), axis=0)
 
 
 def extract_tokens(shards: list[dict], cfg: model_lib.IGPTConfig, params, layers, mesh,
@@ -319,8 +326,8 @@ def attentive_probe(acfg, data_cfg, splits: dict, cfg: model_lib.IGPTConfig, par
   experiments/probe_base.py) on splits {"train": split, "test": split} of data_cfg.
 
   params: the model's (laid out over mesh by `checkpoint.load(..., mesh=)`, or put there).
-  Returns `fit_heads`'s record plus "layers", "mode" and "memory_bytes" (what "memory" needs or
-  holds on this process).
+  Returns `fit_heads`'s record plus "layers", "mode" and "memory_bytes_per_process" (what
+  "memory" needs, or holds, on the process of most rows).
   """
   if acfg.mode not in MODES:
     raise ValueError(f"attentive.mode {acfg.mode!r}; expected one of {MODES}")
@@ -328,7 +335,7 @@ def attentive_probe(acfg, data_cfg, splits: dict, cfg: model_lib.IGPTConfig, par
   rows = acfg.batch_size // sharding_lib.batch_shards(mesh)
   data = {role: read_shards(data_cfg, split, palette, cfg.n_px, rows, mesh)
           for role, split in splits.items()}
-  need = sum(memory_bytes(s, cfg.n_embd) for s in data.values())
+  need = _job_max(sum(memory_bytes(s, cfg.n_embd) for s in data.values()))  # all agree
   mode = acfg.mode if acfg.mode != "auto" else (
       "memory" if need <= acfg.max_bytes else "joint")
   layers = tuple(sorted(int(l) for l in layers))
@@ -350,4 +357,4 @@ def attentive_probe(acfg, data_cfg, splits: dict, cfg: model_lib.IGPTConfig, par
                      epochs=acfg.epochs, batch_size=acfg.batch_size,
                      warmup_fraction=acfg.warmup_fraction, val_fraction=val_fraction,
                      desc=f"attentive probe of layers {list(layers)} ({mode})")
-  return {**record, "layers": list(layers), "mode": mode, "memory_bytes": int(need)}
+  return {**record, "layers": list(layers), "mode": mode, "memory_bytes_per_process": need}
