@@ -14,6 +14,8 @@ parallel over the mesh. Process 0 writes results.json and the plot.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import itertools
 import os
@@ -104,8 +106,9 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
   """
   from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   mesh = sharding_lib.make_mesh(config.mesh)
-  cfg, params, palette = _restore(config, workdir, step, mesh)
-  step = ckpt_lib.read_meta(workdir, step)["step"]
+  with console.status(f"restoring {workdir}"):
+    cfg, params, palette = _restore(config, workdir, step, mesh)
+    step = ckpt_lib.read_meta(workdir, step)["step"]
   layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
   model_lib.check_layers(cfg, layers)
   per_process = features_lib.rows_per_process(config.batch_size, mesh)
@@ -130,17 +133,25 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                                           layout) for role, split in splits.items()}
   sets = {role: name for role, (name, _) in found.items()}
   todo = {role: record for role, (_, record) in found.items() if "rows" not in record}
-  batches = {role: checked_batches(config.data, splits[role], palette, cfg.n_px, per_process)
-             for role in todo}
-
-  extract = functools.partial(features_lib.featurizer, cfg, layers=layers,
-                              reading=config.reading, mesh=mesh, k_masks=config.k_masks)
-  models = {"": extract(params)} if todo else {}
-  if baselines and todo:
-    random_params = jax.jit(functools.partial(model_lib.init_params, cfg),
-                            out_shardings=steps_lib.param_shardings(cfg, mesh))(
-                                jax.random.key(config.random_init_seed))
-    models["random_"] = extract(random_params)
+  # Opening the splits imports tensorflow (10 - 20 s on the demo's CPU): in a thread, while the
+  # random-init twin compiles. A complete set needs neither.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    opened = pool.submit(lambda: {role: checked_batches(config.data, splits[role], palette,
+                                                        cfg.n_px, per_process)
+                                  for role in todo})
+    extract = functools.partial(features_lib.featurizer, cfg, layers=layers,
+                                reading=config.reading, mesh=mesh, k_masks=config.k_masks)
+    models = {"": extract(params)} if todo else {}
+    if baselines and todo:
+      with console.status("initialising the random-init twin"):
+        random_params = jax.block_until_ready(jax.jit(
+            functools.partial(model_lib.init_params, cfg),
+            out_shardings=steps_lib.param_shardings(cfg, mesh))(
+                jax.random.key(config.random_init_seed)))
+      models["random_"] = extract(random_params)
+    with console.status(f"opening {' and '.join(splits[r] for r in todo)} of "
+                        f"{config.data.name}") if todo else contextlib.nullcontext():
+      batches = opened.result()
 
   def featurize(tokens, index):  # one pass over the data feeds every model and baseline
     out = {}
