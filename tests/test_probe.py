@@ -209,8 +209,9 @@ def test_run_writes_results_plot_and_baselines(run_dir):
   out = run_dir / "run" / "probe"
   saved = json.load(open(out / "results.json"))
   assert saved["summary"] == json.loads(json.dumps(results["summary"]))
-  assert set(saved["summary"]) == {"best_layer", "pretrained", "concat", "random_init",
-                                   "pixels_histogram", "pixels_rgb"}
+  assert set(saved["summary"]) == {"best_layer", "best_layer_by", "pretrained", "concat",
+                                   "random_init", "pixels_histogram", "pixels_rgb"}
+  assert saved["summary"]["best_layer_by"] == saved["pretrained"]["best_layer_by"] == "val_loss"
   assert len(saved["pretrained"]["layers"]) == CFG.n_layer + 1
   assert (saved["n_train"], saved["n_test"]) == (32, 16)
   assert (out / "accuracy_by_layer.png").stat().st_size > 1000
@@ -246,12 +247,20 @@ def test_probe_reruns_with_another_split_then_other_layers_on_one_workdir(run_di
   # Their probes equal the first run's: the same features, read from the same files.
   for l in (0, 2):
     assert third["pretrained"]["layers"][l] == first["pretrained"]["layers"][l]
-  pixels = _probe_config(run_dir, layers=(1,), reading="residual", **small)
-  fourth = probe.run(pixels, str(run_dir / "run"), out_dir=str(out))  # another reading
+  residual = _probe_config(run_dir, layers=(1,), reading="residual", **small)
+  fourth = probe.run(residual, str(run_dir / "run"), out_dir=str(out))  # another reading
   assert set(fourth["features"].values()).isdisjoint(first["features"].values())
   held = {p.parent.name: json.load(open(p)) for p in feat_dir.glob("*/spec.json")}
   assert len(held) == 5 and all("rows" in h for h in held.values())
   assert held[second["features"]["train"]]["spec"]["split"] == "train[:24]"
+  # The same command from scratch elsewhere: the same features, bit for bit, the same table.
+  again = probe.run(_probe_config(run_dir, **small), str(run_dir / "run"),
+                    out_dir=str(tmp_path / "again"))
+  assert again["features"] == first["features"] and again["pretrained"] == first["pretrained"]
+  for name in first["features"].values():
+    for f in (feat_dir / name).rglob("*.npy"):
+      twin = tmp_path / "again" / "features" / name / f.relative_to(feat_dir / name)
+      assert f.read_bytes() == twin.read_bytes(), f
 
 
 def test_run_start_up_errors(run_dir):
