@@ -339,13 +339,14 @@ def attentive_probe(acfg, data_cfg, splits: dict, cfg: model_lib.IGPTConfig, par
   mode = acfg.mode if acfg.mode != "auto" else (
       "memory" if need <= acfg.max_bytes else "joint")
   layers = tuple(sorted(int(l) for l in layers))
+  named = ", ".join(map(str, layers))
   params = jax.device_put(params, steps_lib.param_shardings(cfg, mesh))
   if mode == "memory":
     embed, frozen = _stored, None
     for role, shards in data.items():
       images = int(_over_shards(np.array([s["valid"].sum() for s in shards])))
       with console.progress(desc=f"token features of {role} ({splits[role]}, layers "
-                                 f"{list(layers)})", unit="img", total=images) as bar:
+                                 f"{named})", unit="img", total=images) as bar:
         data[role] = extract_tokens(shards, cfg, params, layers, mesh, rows, on_rows=bar.update)
   else:
     embed, frozen = _frozen_forward(cfg, layers), params
@@ -356,5 +357,5 @@ def attentive_probe(acfg, data_cfg, splits: dict, cfg: model_lib.IGPTConfig, par
                      lrs=tuple(acfg.lrs), weight_decays=tuple(acfg.weight_decays),
                      epochs=acfg.epochs, batch_size=acfg.batch_size,
                      warmup_fraction=acfg.warmup_fraction, val_fraction=val_fraction,
-                     desc=f"attentive probe of layers {list(layers)} ({mode})")
+                     desc=f"attentive probe of layers {named} ({mode})")
   return {**record, "layers": list(layers), "mode": mode, "memory_bytes_per_process": need}
