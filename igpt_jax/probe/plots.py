@@ -29,9 +29,10 @@ def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
     layers = sorted(acc)
     ax.plot(layers, [100 * acc[l] for l in layers], marker="o", color=f"C{i}", label=name)
     if chosen and name in chosen:
+      ringed = any(l.get_label() == "ringed: chosen on validation" for l in ax.lines)
       ax.plot([chosen[name]], [100 * acc[chosen[name]]], marker="o", markersize=13,
               fillstyle="none", color=f"C{i}", linestyle="none",
-              label=f"{name}: layer chosen on validation")
+              label="_" if ringed else "ringed: chosen on validation")
   for i, (name, acc) in enumerate((baselines or {}).items()):
     ax.axhline(100 * acc, linestyle="--", color=f"C{i + len(curves)}", label=name)
   for i, (name, (layer, acc)) in enumerate((points or {}).items()):
@@ -40,7 +41,7 @@ def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
   ax.set_xlabel("layer (last = ln_f output)")
   ax.set_ylabel("probe accuracy on test (%)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   paths.write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
   plt.close(fig)
