@@ -5,17 +5,21 @@
 
 Every process of the job runs it. Extraction spans the mesh of all their devices (the
 parameters restored in their training layout, sharded over it), each process reading its own
-slice of each split and writing its own shards (`features.write_features`; a rerun resumes).
+slice of each split and writing its own shards (`features.write_features`) into a set keyed
+by what it holds (`features.feature_set`): a rerun resumes it, a probe of other splits, layers
+or checkpoints extracts beside it, and a complete set that holds what a probe reads is reused.
 Each probe then runs by the solver the config names, or by size for "auto"
 (`stream.solver_for`): L-BFGS reads every shard into memory on every process (the workdir must
 be shared, e.g. gs://) and all fit the same probe; SGD streams each process's own shards, data
-parallel over the mesh. Process 0 writes results.json and the plot.
+parallel over the mesh. The best layer is the one of least validation loss (on rows held out
+of train; `protocol.best_layer`); the concatenation, the low-data probes and the attentive
+probe (`attentive.py`, with config.attentive.k_layers) centre on it. Process 0 writes
+results.json and the plot.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import itertools
 import os
@@ -95,28 +99,13 @@ def _layer_names(prefix: str):
   return lambda layers: [f"{prefix}layer{l:02d}" for l in layers]
 
 
-def run(config, workdir: str, *, baselines: bool = False, step: int | None = None,
-        out_dir: str | None = None) -> dict:
-  """Extracts, probes every layer (+ concat, low-data, baselines), writes out_dir.
-
-  config: see experiments/probe_base.py; its `model` may set `attention` / `dtype` (runtime
-  fields, `checkpoint.load`) and architecture fields the checkpoint must match. step: the
-  checkpoint (None: the newest readable). workdir and out_dir (default workdir/probe) may be
-  local or gs://. Returns the dict written to results.json.
-  """
+def _extract(config, workdir: str, step: int, cfg, params, palette, layers, mesh, feat_dir,
+             baselines: bool) -> dict:
+  """{"train": split, "test": split}: the feature sets under feat_dir holding what this probe
+  reads, extracted where no complete set holds it (resuming an interrupted one)."""
   from igpt_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  mesh = sharding_lib.make_mesh(config.mesh)
-  with console.status(f"restoring {workdir}"):
-    cfg, params, palette = _restore(config, workdir, step, mesh)
-    step = ckpt_lib.read_meta(workdir, step)["step"]
-  layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
-  model_lib.check_layers(cfg, layers)
   per_process = features_lib.rows_per_process(config.batch_size, mesh)
-  out_dir = out_dir or paths.path(workdir) / "probe"
-  feat_dir = paths.path(out_dir) / "features"
   splits = {"train": config.data.train_split, "test": config.data.eval_split}
-  logging.info("probing %s (%s) layers %s on mesh %s", workdir, cfg, layers, dict(mesh.shape))
-
   # Each split's features are a set keyed by what they hold (features.feature_set): a probe of
   # another split, other layers or another checkpoint extracts beside the sets already there.
   names = [f"layer{l:02d}" for l in layers] + ["labels"]
@@ -133,16 +122,20 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                                           layout) for role, split in splits.items()}
   sets = {role: name for role, (name, _) in found.items()}
   todo = {role: record for role, (_, record) in found.items() if "rows" not in record}
+  for role in splits.keys() - todo.keys():
+    logging.info("features of %s (%s): reusing %s", role, splits[role], feat_dir / sets[role])
+  if not todo:
+    return sets
   # Opening the splits imports tensorflow (10 - 20 s on the demo's CPU): in a thread, while the
-  # random-init twin compiles. A complete set needs neither.
+  # random-init twin compiles.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     opened = pool.submit(lambda: {role: checked_batches(config.data, splits[role], palette,
                                                         cfg.n_px, per_process)
                                   for role in todo})
     extract = functools.partial(features_lib.featurizer, cfg, layers=layers,
                                 reading=config.reading, mesh=mesh, k_masks=config.k_masks)
-    models = {"": extract(params)} if todo else {}
-    if baselines and todo:
+    models = {"": extract(params)}
+    if baselines:
       with console.status("initialising the random-init twin"):
         random_params = jax.block_until_ready(jax.jit(
             functools.partial(model_lib.init_params, cfg),
@@ -150,7 +143,7 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                 jax.random.key(config.random_init_seed)))
       models["random_"] = extract(random_params)
     with console.status(f"opening {' and '.join(splits[r] for r in todo)} of "
-                        f"{config.data.name}") if todo else contextlib.nullcontext():
+                        f"{config.data.name}"):
       batches = opened.result()
 
   def featurize(tokens, index):  # one pass over the data feeds every model and baseline
@@ -170,8 +163,30 @@ def run(config, workdir: str, *, baselines: bool = False, step: int | None = Non
                                   shard_batches=config.shard_batches,
                                   dtype=config.feature_dtype, on_rows=bar.update,
                                   record=record)
-  for role in splits.keys() - todo.keys():
-    logging.info("features of %s (%s): reusing %s", role, splits[role], feat_dir / sets[role])
+  return sets
+
+
+def run(config, workdir: str, *, baselines: bool = False, step: int | None = None,
+        out_dir: str | None = None) -> dict:
+  """Extracts, probes every layer (+ concat, low-data, baselines), writes out_dir.
+
+  config: see experiments/probe_base.py; its `model` may set `attention` / `dtype` (runtime
+  fields, `checkpoint.load`) and architecture fields the checkpoint must match. step: the
+  checkpoint (None: the newest readable). workdir and out_dir (default workdir/probe) may be
+  local or gs://. Returns the dict written to results.json.
+  """
+  mesh = sharding_lib.make_mesh(config.mesh)
+  with console.status(f"restoring {workdir}"):
+    cfg, params, palette = _restore(config, workdir, step, mesh)
+    step = ckpt_lib.read_meta(workdir, step)["step"]
+  layers = tuple(config.layers) if config.layers else tuple(range(cfg.n_layer + 1))
+  model_lib.check_layers(cfg, layers)
+  out_dir = out_dir or paths.path(workdir) / "probe"
+  feat_dir = paths.path(out_dir) / "features"
+  splits = {"train": config.data.train_split, "test": config.data.eval_split}
+  logging.info("probing %s (%s) layers %s on mesh %s", workdir, cfg, layers, dict(mesh.shape))
+  sets = _extract(config, workdir, step, cfg, params, palette, layers, mesh, feat_dir,
+                  baselines)
 
   fit = _prober(config, feat_dir, sets, mesh)
   n_rows = {s: sum(x["rows"] for x in features_lib.shards(feat_dir, sets[s])) for s in splits}
