@@ -3,7 +3,7 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
   python -m launch.sample --workdir=W --num=16 --out=/tmp/samples
   python -m launch.sample --workdir=W --complete --data=cifar10 --split=test --num=8 \
       --samples_per_image=4 --prefix_rows=16 --out=/tmp/completions
-  python -m launch.sample --workdir=W --complete --images a.jpg b.png --out=/tmp/mine
+  python -m launch.sample --workdir=W --complete --out=/tmp/mine --images a.jpg b.png
 
 `--images` completes your own files instead of a dataset's: any size or mode (grayscale,
 palette, transparency over white), cut to the centre square and area-resized to the model's
@@ -46,7 +46,8 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tok
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set of mass >= top_p.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed draws the same images.")
 _COMPLETE = flags.DEFINE_bool("complete", False, "Complete real images from --data or --images.")
-_IMAGES = flags.DEFINE_list("images", None, "Image files to complete (--complete), any size.")
+_IMAGES = flags.DEFINE_list("images", None, "Image files to complete (--complete), any size: "
+                            "--images a.jpg b.png, or comma-separated.")
 _DATA = flags.DEFINE_string("data", None, "tfds name or local .npz / directory (--complete).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
 _SPLIT = flags.DEFINE_string("split", "train[45000:]", "Split of --data (tfds slicing syntax).")
@@ -69,7 +70,9 @@ _MESH = flags.DEFINE_list(
 
 
 def main(argv):
-  if len(argv) > 1:
+  # `--images a.jpg b.png` (or a shell glob): the files after the first come as arguments.
+  files = _IMAGES.value + argv[1:] if _IMAGES.value else []
+  if len(argv) > 1 and not _IMAGES.value:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   console.setup()
   sharding.use_one_cpu_device_per_core()
@@ -100,7 +103,7 @@ def main(argv):
     logging.info("wrote %d samples to %s", len(tokens), path)
     return
 
-  if bool(_DATA.value) == bool(_IMAGES.value):
+  if bool(_DATA.value) == bool(files):
     raise app.UsageError("--complete needs --data (a tfds name or a local .npz / directory) or "
                          "--images (files), one of them")
   if _PREFIX_FRACTION.value is None:
@@ -108,9 +111,9 @@ def main(argv):
     prefix_len = sample_lib.prefix_length(cfg, rows=rows)
   else:
     prefix_len = sample_lib.prefix_length(cfg, fraction=_PREFIX_FRACTION.value)
-  if _IMAGES.value:
-    with console.status(f"reading {len(_IMAGES.value)} image files"):
-      images = sample_lib.read_image_files(_IMAGES.value, cfg.n_px)
+  if files:
+    with console.status(f"reading {len(files)} image files"):
+      images = sample_lib.read_image_files(files, cfg.n_px)
   else:
     with console.status(f"reading {_NUM.value} images of {_DATA.value} {_SPLIT.value}"):
       images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value},

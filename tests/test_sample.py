@@ -243,7 +243,7 @@ def test_converted_hf_weights_sample_and_complete(tmp_path):
   Image.fromarray(images[1].repeat(9, 0).repeat(9, 1)).convert("L").save(tmp_path / "grey.jpg")
   files = [tmp_path / "wide.png", tmp_path / "grey.jpg"]
   _run("launch.sample", f"--workdir={workdir}", f"--out={tmp_path / 'mine'}", "--complete",
-       f"--images={','.join(map(str, files))}", "--samples_per_image=3")
+       "--samples_per_image=3", "--images", *map(str, files))  # as a shell glob gives them
   originals = np.load(tmp_path / "mine" / "originals.npy")
   from igpt_jax import checkpoint
   np.testing.assert_array_equal(originals, palette_lib.quantize(
