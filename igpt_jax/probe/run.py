@@ -19,7 +19,6 @@ results.json and the plot.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
 import os
@@ -126,25 +125,21 @@ def _extract(config, workdir: str, step: int, cfg, params, palette, layers, mesh
     logging.info("features of %s (%s): reusing %s", role, splits[role], feat_dir / sets[role])
   if not todo:
     return sets
-  # Opening the splits imports tensorflow (10 - 20 s on the demo's CPU): in a thread, while the
-  # random-init twin compiles.
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    opened = pool.submit(lambda: {role: checked_batches(config.data, splits[role], palette,
-                                                        cfg.n_px, per_process)
-                                  for role in todo})
-    extract = functools.partial(features_lib.featurizer, cfg, layers=layers,
-                                reading=config.reading, mesh=mesh, k_masks=config.k_masks)
-    models = {"": extract(params)}
-    if baselines:
-      with console.status("initialising the random-init twin"):
-        random_params = jax.block_until_ready(jax.jit(
-            functools.partial(model_lib.init_params, cfg),
-            out_shardings=steps_lib.param_shardings(cfg, mesh))(
-                jax.random.key(config.random_init_seed)))
-      models["random_"] = extract(random_params)
-    with console.status(f"opening {' and '.join(splits[r] for r in todo)} of "
-                        f"{config.data.name}"):
-      batches = opened.result()
+  # The start-up's silent seconds, shown: opening the splits imports tensorflow (5 s on the
+  # demo's idle CPU, 15 - 45 s loaded) and the random-init twin's XLA compile takes as long.
+  with console.status(f"opening {' and '.join(splits[r] for r in todo)} of {config.data.name}"):
+    batches = {role: checked_batches(config.data, splits[role], palette, cfg.n_px, per_process)
+               for role in todo}
+  extract = functools.partial(features_lib.featurizer, cfg, layers=layers,
+                              reading=config.reading, mesh=mesh, k_masks=config.k_masks)
+  models = {"": extract(params)}
+  if baselines:
+    with console.status("initialising the random-init twin"):
+      random_params = jax.block_until_ready(jax.jit(
+          functools.partial(model_lib.init_params, cfg),
+          out_shardings=steps_lib.param_shardings(cfg, mesh))(
+              jax.random.key(config.random_init_seed)))
+    models["random_"] = extract(random_params)
 
   def featurize(tokens, index):  # one pass over the data feeds every model and baseline
     out = {}
