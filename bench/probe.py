@@ -38,8 +38,8 @@ def run_features(workdir: str, layer: int | None):
   root = os.path.join(workdir, "probe")
   results = paths.read_json(os.path.join(root, "results.json"))
   layer = results["pretrained"]["best_layer"] if layer is None else layer
-  feats = os.path.join(root, "features")
-  arrays = [probe.load_feature(feats, split, name) for split in ("train", "test")
+  feats, sets = probe.feature_sets(root)
+  arrays = [probe.load_feature(feats, sets[split], name) for split in ("train", "test")
             for name in (f"layer{layer:02d}", "labels")]
   return (*arrays, layer, results["pretrained"]["layers"][str(layer)]["l2"])
 

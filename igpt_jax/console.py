@@ -238,9 +238,10 @@ class _Lines:
 
   def write(self, text: str) -> None:
     text = text.strip("\r\n").rstrip()
-    if text and text.split(" [")[0] != self.last:
+    count = text.rsplit(" [", 1)[0]  # the times are the last bracket: a desc may hold others
+    if text and count != self.last:
       self.stream.write(text + "\n")
-      self.last = text.split(" [")[0]
+      self.last = count
 
   def flush(self) -> None:
     self.stream.flush()

@@ -413,6 +413,14 @@ def num_examples(data_cfg, split: str) -> int:
   return _host_sizes(_fields(data_cfg), split, jax.process_count())[jax.process_index()]
 
 
+def eval_images(images, n_px: int) -> np.ndarray:
+  """uint8 [N, n_px, n_px, 3]: arrays uint8 [h, w, 3] of any sizes as evaluation reads images
+  (the centre square, area-resized to n_px), e.g. a user's own files to complete."""
+  tf = _tf()
+  return np.stack([images_lib.preprocess(tf.constant(i, tf.uint8), "none", n_px, None)
+                   for i in images])
+
+
 def load_images(data_cfg, split: str, max_images: int | None = None, *,
                 n_px: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 [N, H, W, 3], int32 [N]) of a split, in order, without augmentation (and without

@@ -1,4 +1,5 @@
-"""Autoregressive sampling with the KV cache, half-image completions and PNG grids.
+"""Autoregressive sampling with the KV cache, half-image completions (of dataset images or of
+your own files, `complete_files`) and PNG grids.
 
 `sample` prefills the prompt (any number of leading tokens, possibly none) in one `decode` call,
 then draws one token per step inside a `lax.fori_loop`, all in one jitted function: shapes are
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
+from igpt_jax import data as data_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import paths
 from igpt_jax import sharding as sharding_lib
@@ -226,6 +229,50 @@ def completion_rows(tokens, completions, prefix_len: int, palette, n_px: int) ->
   return [np.concatenate([i[None], f, o[None]]) for i, f, o in zip(inputs, filled, originals)]
 
 
+def read_image_files(files, n_px: int) -> np.ndarray:
+  """Image files (local or gs://) of any size or mode as uint8 [N, n_px, n_px, 3], read as the
+  evaluation pipeline reads images (`data.eval_images`: the centre square, area-resized).
+
+  Grayscale and palette images become RGB, transparent pixels are laid over white, and a
+  photo's EXIF orientation is applied.
+  """
+  arrays = []
+  for f in files:
+    try:
+      with paths.path(f).open("rb") as stream:
+        image = Image.open(stream)
+        image.load()
+    except (OSError, Image.UnidentifiedImageError) as e:
+      raise ValueError(f"{f}: not an image file that PIL can read ({e})") from e
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+      image = Image.alpha_composite(Image.new("RGBA", image.size, "white"),
+                                    image.convert("RGBA"))
+    arrays.append(np.asarray(image.convert("RGB")))
+  if not arrays:
+    raise ValueError("no image files given")
+  return data_lib.eval_images(arrays, n_px)
+
+
+def complete_files(cfg: IGPTConfig, params, palette, files, rng: jax.Array, *,
+                   samples: int = 4, prefix_len: int | None = None, **sample_kw):
+  """Completions of your own images: (tokens [N, T], completions [N, samples, T], prefix_len).
+
+  files: image files of any size or mode (`read_image_files`), quantized to the run's palette;
+  prefix_len: tokens kept (default: the top half of the rows). sample_kw: `sample`'s (mesh,
+  temperature, top_k, top_p). Draw them with `completion_rows` and `save_grid`.
+  """
+  tokens = np.asarray(palette_lib.quantize(read_image_files(files, cfg.n_px), palette))
+  prefix_len = prefix_length(cfg, fraction=0.5) if prefix_len is None else prefix_len
+  return tokens, np.asarray(complete(cfg, params, rng, tokens, prefix_len, samples=samples,
+                                     **sample_kw)), prefix_len
+
+
+def display_scale(n_px: int) -> int:
+  """The nearest-neighbour upscaling that shows an n_px image about 128 pixels wide."""
+  return max(1, round(128 / n_px))
+
+
 def grid_image(rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
   """Tiles rows (a list of uint8 [N_r, H, W, 3]) into one uint8 image on a white background."""
   if not rows:
@@ -252,10 +299,11 @@ def save_grid(path, rows, *, pad: int = 2, scale: int = 1) -> np.ndarray:
 
 
 def save_samples(path, cfg: IGPTConfig, params, palette, rng, prompts, mesh,
-                 scale: int = 4) -> np.ndarray | None:
+                 scale: int | None = None) -> np.ndarray | None:
   """The training loop's PNG grid: a row of unconditional samples, then one row per prompt
-  (tokens [N, T], process 0's) of half-image completions (`completion_rows`). Every process
-  calls it; process 0 writes it and returns the grid (None elsewhere).
+  (tokens [N, T], process 0's) of half-image completions (`completion_rows`), upscaled by
+  `scale` (default `display_scale(n_px)`, as launch/sample.py). Every process calls it; process
+  0 writes it and returns the grid (None elsewhere).
 
   Batches are whole multiples of the mesh's batch shards (at least 8 samples, 2 completions).
   """
@@ -272,4 +320,4 @@ def save_samples(path, cfg: IGPTConfig, params, palette, rng, prompts, mesh,
     return None
   rows = [palette_lib.dequantize(np.asarray(uncond), palette, cfg.n_px)]
   rows += completion_rows(prompts, np.asarray(done), prefix, palette, cfg.n_px)
-  return save_grid(path, rows, scale=scale)
+  return save_grid(path, rows, scale=scale or display_scale(cfg.n_px))

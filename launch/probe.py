@@ -5,9 +5,10 @@ r"""Linear probes of a pretrained run at every layer, as in the paper.
 Reads the latest checkpoint of W, streams the train and test splits of `config.data` (tfds names
 or local sources) through an extraction pass over the job's devices (`config.mesh`; the
 parameters restored in their training layout over it) into feature shards under
-W/probe/features/ (a rerun skips the shards already complete), then probes every layer (L-BFGS
-in memory or SGD streamed from the shards, `config.solver`), the concatenation of `concat_k`
-layers around the best one, and low-data subsets.
+W/probe/features/ (one set per split, keyed by what it holds: a rerun reuses the complete sets
+and resumes the others), then probes every layer (L-BFGS in memory or SGD streamed from the
+shards, `config.solver`), the concatenation of `concat_k` layers around the best one (chosen on
+the validation rows held out of train), and low-data subsets.
 Writes W/probe/results.json and W/probe/accuracy_by_layer.png. --baselines adds, through the same
 probe code, raw palette pixels (colour histogram, dequantized RGB) and a randomly initialised
 model of the same shape.

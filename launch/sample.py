@@ -3,6 +3,11 @@ r"""Draws images from a trained or converted iGPT, or completes the bottom of re
   python -m launch.sample --workdir=W --num=16 --out=/tmp/samples
   python -m launch.sample --workdir=W --complete --data=cifar10 --split=test --num=8 \
       --samples_per_image=4 --prefix_rows=16 --out=/tmp/completions
+  python -m launch.sample --workdir=W --complete --out=/tmp/mine --images a.jpg b.png
+
+`--images` completes your own files instead of a dataset's: any size or mode (grayscale,
+palette, transparency over white), cut to the centre square and area-resized to the model's
+n_px as evaluation reads images, then quantized to the run's palette.
 
 `--workdir` is a training run or the output of launch/convert.py (read with
 `igpt_jax.checkpoint.load`), local or gs://; `--out` may be either too. `--attention` and
@@ -44,7 +49,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens only.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set of mass >= top_p.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed draws the same images.")
-_COMPLETE = flags.DEFINE_bool("complete", False, "Complete real images from --data.")
+_COMPLETE = flags.DEFINE_bool("complete", False, "Complete real images from --data or --images.")
+_IMAGES = flags.DEFINE_list("images", None, "Image files to complete (--complete), any size: "
+                            "--images a.jpg b.png, or comma-separated.")
 _DATA = flags.DEFINE_string("data", None, "tfds name or local .npz / directory (--complete).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
 _SPLIT = flags.DEFINE_string("split", "train[45000:]", "Split of --data (tfds slicing syntax).")
@@ -53,7 +60,8 @@ _PREFIX_ROWS = flags.DEFINE_integer("prefix_rows", None,
                                     "Pixel rows given as the prompt (default: the top half).")
 _PREFIX_FRACTION = flags.DEFINE_float("prefix_fraction", None,
                                       "Or the fraction of rows given (instead of prefix_rows).")
-_SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid (nearest neighbour).")
+_SCALE = flags.DEFINE_integer("scale", None, "Upscaling of the PNG grid (nearest neighbour; "
+                              "default: each image about 128 pixels wide).")
 _ATTENTION = flags.DEFINE_enum("attention", None, ["auto", "blocked", "xla", "cudnn", "splash"],
                                "Attention kernel (default: the checkpoint's, for this host).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -66,7 +74,9 @@ _MESH = flags.DEFINE_list(
 
 
 def main(argv):
-  if len(argv) > 1:
+  # `--images a.jpg b.png` (or a shell glob): the files after the first come as arguments.
+  files = _IMAGES.value + argv[1:] if _IMAGES.value else []
+  if len(argv) > 1 and not _IMAGES.value:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   sharding.use_one_cpu_device_per_core()
   sharding.require_one_process("launch/sample.py")  # every process would write the same files
@@ -83,6 +93,7 @@ def main(argv):
   out = paths.path(_OUT.value or paths.path(_WORKDIR.value) / "samples")
   rng = jax.random.key(_SEED.value)
   kw = dict(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value)
+  scale = _SCALE.value or sample_lib.display_scale(cfg.n_px)
 
   if not _COMPLETE.value:
     with console.status(f"sampling {_NUM.value} images of {cfg.n_ctx} tokens"):
@@ -92,20 +103,25 @@ def main(argv):
     paths.save_npy(out / "samples.npy", tokens)
     path = out / "samples.png"
     sample_lib.save_grid(path, [palette_lib.dequantize(tokens, palette, cfg.n_px)],
-                         scale=_SCALE.value)
+                         scale=scale)
     logging.info("wrote %d samples to %s", len(tokens), path)
     return
 
-  if not _DATA.value:
-    raise app.UsageError("--complete needs --data (a tfds name or a local .npz / directory)")
+  if bool(_DATA.value) == bool(files):
+    raise app.UsageError("--complete needs --data (a tfds name or a local .npz / directory) or "
+                         "--images (files), one of them")
   if _PREFIX_FRACTION.value is None:
     rows = cfg.n_px // 2 if _PREFIX_ROWS.value is None else _PREFIX_ROWS.value
     prefix_len = sample_lib.prefix_length(cfg, rows=rows)
   else:
     prefix_len = sample_lib.prefix_length(cfg, fraction=_PREFIX_FRACTION.value)
-  with console.status(f"reading {_NUM.value} images of {_DATA.value} {_SPLIT.value}"):
-    images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value},
-                                 _SPLIT.value, _NUM.value, n_px=cfg.n_px)
+  if files:
+    with console.status(f"reading {len(files)} image files"):
+      images = sample_lib.read_image_files(files, cfg.n_px)
+  else:
+    with console.status(f"reading {_NUM.value} images of {_DATA.value} {_SPLIT.value}"):
+      images, _ = data.load_images({"name": _DATA.value, "data_dir": _DATA_DIR.value},
+                                   _SPLIT.value, _NUM.value, n_px=cfg.n_px)
   originals = np.asarray(palette_lib.quantize(images, palette))  # [N, T]
   with console.status(f"completing {len(originals)} images x {_SAMPLES_PER_IMAGE.value} "
                       f"({cfg.n_ctx - prefix_len} of {cfg.n_ctx} tokens each)"):
@@ -117,7 +133,7 @@ def main(argv):
   paths.save_npy(out / "originals.npy", originals)
   path = out / "completions.png"
   sample_lib.save_grid(path, sample_lib.completion_rows(originals, completions, prefix_len,
-                                                        palette, cfg.n_px), scale=_SCALE.value)
+                                                        palette, cfg.n_px), scale=scale)
   logging.info("wrote completions of %d images (%d of %d tokens given) to %s", len(originals),
                prefix_len, cfg.n_ctx, path)
 

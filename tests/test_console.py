@@ -61,6 +61,13 @@ def test_progress_off_a_terminal_prints_plain_lines(capsys):
                        "compiling: 00:00, done"]
 
 
+def test_progress_lines_of_a_desc_with_brackets_are_not_taken_for_repeats(capsys):
+  with console.progress(desc="token features of train (layers [3])", total=2) as bar:
+    bar.update(2)
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 2 and "2/2" in lines[1]  # the final count, not dropped as a repeat
+
+
 # -- every launch script, as a user runs it -------------------------------------------------
 
 # What the issue saw on every console (TensorFlow's oneDNN and CPU-feature banners, jax trying

@@ -12,6 +12,7 @@ import pytest
 
 from igpt_jax import checkpoint
 from igpt_jax import metrics as metrics_lib
+from igpt_jax import sample as sample_lib
 from igpt_jax import sharding
 from conftest import PAIR_STEPS, finish_pair, grid_cells, launch_pair
 
@@ -84,7 +85,8 @@ def test_two_processes_resume_after_sigterm(files, tmp_path, uninterrupted_pair)
 def test_two_processes_draw_each_original_beside_its_own_completions(files, tmp_path):
   finish_pair(launch_pair(files, tmp_path, "--config.total_steps=2", "--config.sample_every=2",
                      "--config.checkpoint_every=0", "--config.eval_every=0"))
-  rows = grid_cells(Image.open(tmp_path / "samples_0000002.png"), n_px=4)
+  rows = grid_cells(Image.open(tmp_path / "samples_0000002.png"), n_px=4,
+                    scale=sample_lib.display_scale(4))
   assert len(rows) == 5  # unconditional samples, then 4 held-out images
   for row in rows[1:]:  # [input | completions (one per batch shard, each host's own) | original]
     assert len(row) == 4

@@ -134,6 +134,15 @@ def test_grids_show_held_out_cifar10_images_in_the_models_palette(hf_dir, execut
     np.testing.assert_array_equal(at(i, 5), want[i])
     np.testing.assert_array_equal(at(i, 0)[:scale * N_PX // 2], want[i][:scale * N_PX // 2])
     assert (at(i, 0)[scale * N_PX // 2:] == GREY).all()
+  # Your own files: test images 8 (a 3x larger RGBA PNG, read back to the same 16x16) and 9
+  # (a grayscale JPEG), each beside its 4 completions.
+  (mine,) = pngs(cell(nb, "own_images"))
+  assert mine.shape[:2] == (side(2), side(6))
+  images, _ = data.load_images({"name": str(cifar10_npz)}, "train[45000:]", 9, n_px=N_PX)
+  original = palette_lib.dequantize(palette_lib.quantize(images[8:9], palette), palette, N_PX)
+  np.testing.assert_array_equal(mine[scale * 2:, scale * (2 + 5 * tile):][:scale * N_PX,
+                                                                        :scale * N_PX],
+                                original[0].repeat(scale, axis=0).repeat(scale, axis=1))
   # Every pixel is a decoded token, the background, or (completions only) the hidden half.
   assert colours(completions) <= palette_rgb | {WHITE, GREY}
   assert colours(samples) <= palette_rgb | {WHITE}

@@ -128,7 +128,8 @@ def test_tables_and_low_data(tmp_path):
     return probe.linear_probe(np.concatenate([p[0] for p in parts], 1), parts[0][1],
                               np.concatenate([p[2] for p in parts], 1), parts[0][3], l2s=[1e-2])
   table = probe.probe_layers(fit, range(3))
-  assert table["best_accuracy"] == max(r["accuracy"] for r in table["layers"].values())
+  assert table["best_layer"] == min(range(3), key=lambda l: table["layers"][l]["chosen_val_loss"])
+  assert table["best_accuracy"] == table["layers"][table["best_layer"]]["accuracy"]
   concat = probe.concat_layers(fit, center=2, k=2, layers=range(3))
   assert concat["layers"] == [1, 2]
   assert probe.concat_window(30, 5, range(15, 46)) == [28, 29, 30, 31, 32]
@@ -142,6 +143,26 @@ def test_tables_and_low_data(tmp_path):
   assert (tmp_path / "acc.png").stat().st_size > 1000
   probe.write_json(str(tmp_path / "r.json"), table)
   assert json.load(open(tmp_path / "r.json"))["best_layer"] == table["best_layer"]
+
+
+def test_best_layer_is_chosen_on_validation_not_on_test():
+  # Layer 1 scores best on test, layer 2 on the rows held out of train: the table picks 2 and
+  # reports its test accuracy; the concatenation centres on it.
+  records = {0: dict(accuracy=.30, chosen_val_loss=2.0, chosen_val_accuracy=.25),
+             1: dict(accuracy=.50, chosen_val_loss=1.8, chosen_val_accuracy=.40),
+             2: dict(accuracy=.45, chosen_val_loss=1.7, chosen_val_accuracy=.35)}
+  table = probe.probe_layers(lambda names: records[names[0]], range(3))
+  assert (table["best_layer"], table["best_layer_by"], table["best_accuracy"]) == (
+      2, "val_loss", .45)
+  assert probe.probe_layers(lambda names: records[names[0]], range(3),
+                            "val_accuracy")["best_layer"] == 1
+  assert probe.concat_window(table["best_layer"], 2, range(3)) == [1, 2]
+  with pytest.raises(ValueError, match="best_layer_by='test'"):
+    probe.best_layer(records, "test")
+  # A probe of one l2 is validated too, so that layers probed so can be ranked.
+  x, y = _blobs(100, 5)
+  one = probe.linear_probe(x, y, x, y, l2s=[1e-2])
+  assert one["chosen_val_loss"] == one["val_loss"][1e-2] > 0
 
 
 def test_pixel_histograms_sum_to_one_and_rgb_has_three_values_per_pixel():
@@ -188,16 +209,58 @@ def test_run_writes_results_plot_and_baselines(run_dir):
   out = run_dir / "run" / "probe"
   saved = json.load(open(out / "results.json"))
   assert saved["summary"] == json.loads(json.dumps(results["summary"]))
-  assert set(saved["summary"]) == {"best_layer", "pretrained", "concat", "random_init",
-                                   "pixels_histogram", "pixels_rgb"}
+  assert set(saved["summary"]) == {"best_layer", "best_layer_by", "pretrained", "concat",
+                                   "random_init", "pixels_histogram", "pixels_rgb"}
+  assert saved["summary"]["best_layer_by"] == saved["pretrained"]["best_layer_by"] == "val_loss"
   assert len(saved["pretrained"]["layers"]) == CFG.n_layer + 1
   assert (saved["n_train"], saved["n_test"]) == (32, 16)
   assert (out / "accuracy_by_layer.png").stat().st_size > 1000
-  feats = probe.load_feature(out / "features", "test", "layer01")
+  feat_dir, sets = probe.feature_sets(out)
+  feats = probe.load_feature(feat_dir, sets["test"], "layer01")
   assert feats.shape == (16, 4 * CFG.n_embd)  # the demo config reads quadrant means
-  assert probe.load_feature(out / "features", "train", "pixels_histogram").shape == (
+  assert probe.load_feature(feat_dir, sets["train"], "pixels_histogram").shape == (
       32, CFG.vocab_size)
   assert {r["solver"] for r in saved["pretrained"]["layers"].values()} == {"lbfgs"}
+
+
+@pytest.mark.slow
+def test_probe_reruns_with_another_split_then_other_layers_on_one_workdir(run_dir, tmp_path):
+  """The README's row 2 then row 3 (another train split) on one workdir, then other layers: each
+  probe extracts only the sets it lacks, beside the others, and reuses the rest."""
+  out = tmp_path / "probe"
+  small = dict(concat_k=1, low_data=dict(sizes=(), seeds=1, balanced=True))
+  first = probe.run(_probe_config(run_dir, **small), str(run_dir / "run"), out_dir=str(out))
+  feat_dir = out / "features"
+  stamps = lambda: {p: p.stat().st_mtime_ns for p in feat_dir.rglob("*.npy")}
+  before = stamps()
+  config = _probe_config(run_dir, **small)
+  config.data.train_split = "train[:24]"
+  second = probe.run(config, str(run_dir / "run"), out_dir=str(out))
+  assert (second["n_train"], second["n_test"]) == (24, 16)
+  assert {p: t for p, t in stamps().items() if p in before} == before  # nothing rewritten
+  assert second["features"]["test"] == first["features"]["test"]  # the same test set, reused
+  assert second["features"]["train"] != first["features"]["train"]
+  third = probe.run(_probe_config(run_dir, layers=(0, 2), **small), str(run_dir / "run"),
+                    out_dir=str(out))
+  assert sorted(third["pretrained"]["layers"]) == [0, 2]
+  assert third["features"] == first["features"]  # layers 0 and 2 are in the first sets
+  # Their probes equal the first run's: the same features, read from the same files.
+  for l in (0, 2):
+    assert third["pretrained"]["layers"][l] == first["pretrained"]["layers"][l]
+  residual = _probe_config(run_dir, layers=(1,), reading="residual", **small)
+  fourth = probe.run(residual, str(run_dir / "run"), out_dir=str(out))  # another reading
+  assert set(fourth["features"].values()).isdisjoint(first["features"].values())
+  held = {p.parent.name: json.load(open(p)) for p in feat_dir.glob("*/spec.json")}
+  assert len(held) == 5 and all("rows" in h for h in held.values())
+  assert held[second["features"]["train"]]["spec"]["split"] == "train[:24]"
+  # The same command from scratch elsewhere: the same features, bit for bit, the same table.
+  again = probe.run(_probe_config(run_dir, **small), str(run_dir / "run"),
+                    out_dir=str(tmp_path / "again"))
+  assert again["features"] == first["features"] and again["pretrained"] == first["pretrained"]
+  for name in first["features"].values():
+    for f in (feat_dir / name).rglob("*.npy"):
+      twin = tmp_path / "again" / "features" / name / f.relative_to(feat_dir / name)
+      assert f.read_bytes() == twin.read_bytes(), f
 
 
 def test_run_start_up_errors(run_dir):
@@ -232,9 +295,11 @@ def test_run_checkpoints_probes_each_step_and_draws_figure_3(run_dir, params):
     saved = json.load(open(step_dir / "results.json"))
     assert saved["step"] == row["step"]
     saved = saved["pretrained"]
-    assert row["probe_layer"] == saved["best_layer"]
-    assert row["probe_accuracy"] == saved["best_accuracy"] == max(
-        row[f"probe_accuracy_layer{l:02d}"] for l in range(CFG.n_layer + 1))
+    assert row["probe_layer"] == saved["best_layer"] == probe.best_layer(
+        {int(l): r for l, r in saved["layers"].items()})
+    assert saved["best_layer_by"] == "val_loss"
+    assert row["probe_accuracy"] == saved["best_accuracy"] == row[
+        f"probe_accuracy_layer{row['probe_layer']:02d}"]
     assert not (step_dir / "features").exists()  # deleted once fitted
   assert json.load(open(workdir / "probe" / "checkpoints.json")) == json.loads(json.dumps(rows))
   assert (workdir / "probe" / "probe_vs_loss.png").stat().st_size > 1000
@@ -286,7 +351,7 @@ def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_pro
   layers = probe.spread_layers(CFG.n_layer)
   assert got["probe_layer"] in layers and 0 < got["probe_seconds"]
   assert 0 < got["probe_time_fraction"] <= 1
-  assert got["probe_accuracy"] == max(got[f"probe_accuracy_layer{l:02d}"] for l in layers)
+  assert got["probe_accuracy"] == got[f"probe_accuracy_layer{got['probe_layer']:02d}"]
 
   def split(name):  # the same images through the offline path: extraction on 1 device
     rows = list(data_lib.make_dataset(config.data, split=name, batch_size=8, palette=palette,
@@ -299,9 +364,11 @@ def test_evaluator_on_a_sharded_mesh_is_within_one_test_image_of_the_offline_pro
 
   (train_x, train_y), (test_x, test_y) = split("train[:32]"), split("train[32:]")
   assert len(test_y) == 16
+  want = {l: probe.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=ecfg.l2s)
+          for l in layers}
   for l in layers:
-    want = probe.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=ecfg.l2s)
-    assert abs(got[f"probe_accuracy_layer{l:02d}"] - want["accuracy"]) <= 1 / 16
+    assert abs(got[f"probe_accuracy_layer{l:02d}"] - want[l]["accuracy"]) <= 1 / 16
+  assert got["probe_layer"] == probe.best_layer(want)  # chosen on validation, as offline
 
 
 def test_probe_vs_loss_plot_from_the_metrics(tmp_path):

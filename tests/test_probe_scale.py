@@ -241,6 +241,7 @@ def _launch_probe(config_file, workdir, processes: int, *flags):
 
 @pytest.mark.slow
 def test_two_process_extraction_and_probe_equal_one_process(tmp_path):
+  """Features bit for bit, the linear probes' table and the attentive probe's record equal."""
   _tiny_images(tmp_path)
   config_file = tmp_path / "probe_config.py"
   config_file.write_text(textwrap.dedent(f"""
@@ -252,6 +253,7 @@ def test_two_process_extraction_and_probe_equal_one_process(tmp_path):
         c.batch_size, c.shard_batches, c.concat_k = 8, 2, 1
         c.l2s = (1e-2, 1e-1)
         c.low_data.sizes = ()
+        c.attentive.update(k_layers=1, batch_size=8, epochs=2, weight_decays=(0.01, 0.1))
         return c
   """))
   results = {}
@@ -260,14 +262,20 @@ def test_two_process_extraction_and_probe_equal_one_process(tmp_path):
     outs = _launch_probe(config_file, workdir, n)
     assert sum('"best_layer"' in o for o, _ in outs) == 1  # process 0 alone prints the summary
     results[n] = json.loads((workdir / "probe" / "results.json").read_text())
-  feats = {n: tmp_path / f"p{n}" / "probe" / "features" for n in (1, 2)}
-  assert {s["process"] for s in probe.shards(feats[2], "train")} == {0, 1}
+  feats = {n: probe.feature_sets(tmp_path / f"p{n}" / "probe") for n in (1, 2)}
+  assert {s["process"] for s in probe.shards(feats[2][0], feats[2][1]["train"])} == {0, 1}
   for split in ("train", "test"):
     for name in ["labels"] + [f"layer{l:02d}" for l in range(CFG.n_layer + 1)]:
-      one, two = (probe.load_feature(feats[n], split, name) for n in (1, 2))
+      one, two = (probe.load_feature(feats[n][0], feats[n][1][split], name) for n in (1, 2))
       assert one.tobytes() == two.tobytes(), (split, name)  # bit for bit
   assert results[1]["pretrained"] == results[2]["pretrained"]
   assert (results[1]["n_train"], results[1]["n_test"]) == (32, 16)
+  # The attentive probe: the same batches on the same two devices, the same heads, bit for bit.
+  per_process = {n: results[n]["attentive"].pop("memory_bytes_per_process") for n in (1, 2)}
+  assert per_process[1] == 2 * per_process[2]  # each process holds its own shards' features
+  assert results[1]["attentive"] == results[2]["attentive"]
+  assert results[2]["attentive"]["layers"] == [results[2]["summary"]["best_layer"]]
+  assert results[2]["attentive"]["n_test"] == 16 and len(results[2]["attentive"]["grid"]) == 4
   # The streaming probe on the same shards, data parallel over the two processes' devices.
   _launch_probe(config_file, tmp_path / "p2", 2, "--config.solver=sgd",
                 "--config.sgd.batch_size=8", "--config.sgd.epochs=2")
@@ -296,5 +304,5 @@ def test_launch_probe_imagenet_config_on_an_image_folder(tmp_path):
   assert summary == results["summary"]
   assert {r["solver"] for r in results["pretrained"]["layers"].values()} == {"sgd"}
   assert (results["n_train"], results["n_test"]) == (32, 16)
-  assert all(s["dtype"] == "bfloat16" for s in probe.shards(
-      checkpoint_dir / "probe" / "features", "train"))
+  feat_dir, sets = probe.feature_sets(checkpoint_dir / "probe")
+  assert all(s["dtype"] == "bfloat16" for s in probe.shards(feat_dir, sets["train"]))

@@ -131,7 +131,9 @@ def test_sample_grid_on_meshes_the_batch_splits_unevenly(params, shards, tmp_pat
   grid = sample_lib.save_samples(tmp_path / "g.png", CFG, params, palette, jax.random.key(4),
                                  tokens, mesh)
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "g.png")), grid)
-  rows = grid_cells(grid, CFG.n_px)
+  # Upscaled as launch/sample.py's grids: each image about 128 pixels wide.
+  assert grid.shape[1] >= 8 * 128
+  rows = grid_cells(grid, CFG.n_px, scale=sample_lib.display_scale(CFG.n_px))
   assert len(rows) == 5 and len(rows[0]) >= 8  # unconditional samples, then one row per image
   originals = palette_lib.dequantize(tokens, palette, CFG.n_px)
   for row, original in zip(rows[1:], originals):  # [input | completions | original]
@@ -176,6 +178,42 @@ def test_completion_rows_and_png_grid(tmp_path):
     sample_lib.grid_image([rows[0].astype(np.float32)])
 
 
+def test_own_image_files_of_any_size_and_mode_read_as_evaluation_reads_images(tmp_path):
+  from igpt_jax import data
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, (30, 44, 3), np.uint8)  # landscape: the centre 30x30 is kept
+  Image.fromarray(photo).save(tmp_path / "photo.png")
+  Image.fromarray(photo).convert("L").save(tmp_path / "grey.png")
+  Image.fromarray(photo).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "pal.png")
+  rgba = np.dstack([photo, np.where(np.arange(44) < 22, 0, 255).astype(np.uint8)[None]
+                    .repeat(30, 0)])  # the left half transparent
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+  Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+  names = ["photo.png", "grey.png", "pal.png", "clear.png", "photo.jpg"]
+  got = sample_lib.read_image_files([tmp_path / n for n in names], 6)
+  assert got.shape == (5, 6, 6, 3) and got.dtype == np.uint8
+  # The same image through the evaluation pipeline (an image folder): the same pixels.
+  (tmp_path / "folder" / "a").mkdir(parents=True)
+  Image.fromarray(photo).save(tmp_path / "folder" / "a" / "0.png")
+  np.testing.assert_array_equal(got[0], data.load_images({"name": str(tmp_path / "folder")},
+                                                         "train", n_px=6)[0][0])
+  grey = np.asarray(Image.open(tmp_path / "grey.png"))
+  assert (got[1] == got[1][..., :1]).all()  # grey stays grey, in three channels
+  np.testing.assert_array_equal(got[1][..., 0], data.eval_images([np.dstack([grey] * 3)], 6)[0,
+                                                                                          ..., 0])
+  assert abs(got[2].astype(int) - got[0]).mean() < 12  # 256 adaptive colours: close to RGB
+  assert (got[3][:, :2] == 255).all()  # transparent pixels over white (centre crop cols 7..36)
+  np.testing.assert_array_equal(got[3][:, 4:], got[0][:, 4:])
+  assert abs(got[4].astype(int) - got[0]).mean() < 8  # JPEG of noise, averaged 5 x 5
+  (tmp_path / "notes.txt").write_text("not an image")
+  with pytest.raises(ValueError, match="notes.txt: not an image file"):
+    sample_lib.read_image_files([tmp_path / "notes.txt"], 6)
+
+
+def test_display_scale_shows_each_image_about_128_pixels_wide():
+  assert [sample_lib.display_scale(n) for n in (8, 16, 32, 64, 256)] == [16, 8, 4, 2, 1]
+
+
 def _run(module, *flags):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env,
@@ -216,3 +254,17 @@ def test_converted_hf_weights_sample_and_complete(tmp_path):
   np.testing.assert_array_equal(originals, nearest)  # the converted palette tokenised them
   grid = np.asarray(Image.open(out / "completions.png"))
   assert grid.shape[1] > grid.shape[0]  # rows of 6 images: input, 4 completions, original
+
+  # Your own files: two of other sizes and modes, in a grid upscaled as the loop's own.
+  Image.fromarray(images[0].repeat(5, 0).repeat(7, 1)).save(tmp_path / "wide.png")
+  Image.fromarray(images[1].repeat(9, 0).repeat(9, 1)).convert("L").save(tmp_path / "grey.jpg")
+  files = [tmp_path / "wide.png", tmp_path / "grey.jpg"]
+  _run("launch.sample", f"--workdir={workdir}", f"--out={tmp_path / 'mine'}", "--complete",
+       "--samples_per_image=3", "--images", *map(str, files))  # as a shell glob gives them
+  originals = np.load(tmp_path / "mine" / "originals.npy")
+  from igpt_jax import checkpoint
+  np.testing.assert_array_equal(originals, palette_lib.quantize(
+      sample_lib.read_image_files(files, CFG.n_px), checkpoint.load(str(workdir))[2]))
+  rows = grid_cells(Image.open(tmp_path / "mine" / "completions.png"), CFG.n_px,
+                    scale=sample_lib.display_scale(CFG.n_px))
+  assert [len(r) for r in rows] == [5, 5]  # input, 3 completions, original

@@ -1,6 +1,6 @@
 """How much held-out accuracy a probe's L2 selection rule gives up, on a probed run's features.
 
-  python -m tools.probe_l2 --workdir W        # every feature set in W/probe/features
+  python -m tools.probe_l2 --workdir W        # every feature W/probe/results.json was probed on
 
 For each feature set (layers, baselines) the probe's own validation split (a tenth of train,
 seed 0) scores every L2 of a half-decade grid by accuracy and by cross-entropy, and a refit on
@@ -30,8 +30,8 @@ flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
-def feature_sets(feat_dir: str) -> list[str]:
-  return sorted(n for n in probe.shards(feat_dir, "train")[0]["names"] if n != "labels")
+def feature_names(feat_dir: str, split: str) -> list[str]:
+  return sorted(n for n in probe.shards(feat_dir, split)[0]["names"] if n != "labels")
 
 
 def sweep(train_x, train_y, test_x, test_y, grid, val_fraction: float) -> dict:
@@ -64,13 +64,13 @@ def picks(rows: dict) -> dict:
 
 def main(_):
   console.setup()
-  feat_dir = os.path.join(FLAGS.workdir, "probe", "features")
-  labels = {s: probe.load_feature(feat_dir, s, "labels") for s in ("train", "test")}
+  feat_dir, sets = probe.feature_sets(os.path.join(FLAGS.workdir, "probe"))
+  load = lambda split, name: probe.load_feature(feat_dir, sets[split], name)
+  labels = {s: load(s, "labels") for s in ("train", "test")}
   grid = [float(l) for l in 10.0 ** np.arange(FLAGS.lo, FLAGS.hi + 0.01, 0.5)]
   gaps, per_set = {}, {}
-  for name in feature_sets(feat_dir):
-    rows = sweep(probe.load_feature(feat_dir, "train", name), labels["train"],
-                 probe.load_feature(feat_dir, "test", name), labels["test"], grid,
+  for name in feature_names(feat_dir, sets["train"]):
+    rows = sweep(load("train", name), labels["train"], load("test", name), labels["test"], grid,
                  FLAGS.val_fraction)
     best = max(r["test_accuracy"] for r in rows.values())
     chosen = picks(rows)

@@ -32,9 +32,11 @@ flags.mark_flags_as_required(["workdir", "layers"])
 FLAGS = flags.FLAGS
 
 
-def correct(feat_dir: str, layer: int, l2: float) -> np.ndarray:
-  """[M] bool: which test images the layer's probe, refitted at l2 on all of train, gets right."""
-  load = lambda split, name: probe.load_feature(feat_dir, split, name)
+def correct(root: str, layer: int, l2: float) -> np.ndarray:
+  """[M] bool: which test images the layer's probe, refitted at l2 on all of train, gets right
+  (the features the probe in root used)."""
+  feat_dir, sets = probe.feature_sets(root)
+  load = lambda split, name: probe.load_feature(feat_dir, sets[split], name)
   train_y, test_y = load("train", "labels"), load("test", "labels")
   name = f"layer{layer:02d}"
   tx, sx = probe.standardise(load("train", name), load("test", name))
@@ -50,7 +52,7 @@ def main(_):
   table = paths.read_json(os.path.join(root, "results.json"))["pretrained"]["layers"]
   l2s = ({l: table[str(l)]["l2"] for l in (first, second)} if FLAGS.l2 is None
          else dict(zip((first, second), map(float, FLAGS.l2), strict=True)))
-  right_1, right_2 = (correct(os.path.join(root, "features"), l, l2s[l]) for l in (first, second))
+  right_1, right_2 = (correct(root, l, l2s[l]) for l in (first, second))
   only_first, only_second = int(np.sum(right_1 & ~right_2)), int(np.sum(~right_1 & right_2))
   z = (only_first - only_second) / math.sqrt(max(only_first + only_second, 1))
   p = math.erfc(abs(z) / math.sqrt(2))

@@ -24,7 +24,8 @@ def make_evaluator(ecfg, config, cfg: model_lib.IGPTConfig, palette, mesh) -> Ca
   ecfg (config.evals.probe; fields in experiments/base.py): every, train_split / eval_split
   (splits of config.data: a small labelled subset, read once here, config.batch_size rows per
   batch), layers (empty: `protocol.spread_layers`), reading, l2s. Returns scalars
-  `probe_accuracy` (held-out, best layer), `probe_layer`, `probe_accuracy_layerNN` per layer,
+  `probe_accuracy` (held-out, at the layer of least validation loss: `protocol.best_layer`, on
+  rows held out of train_split), `probe_layer`, `probe_accuracy_layerNN` per layer,
   `probe_seconds`, and `probe_time_fraction` (of the wall time since the previous call, this
   one included). Call it under the training mesh: every process extracts its rows of each
   batch with the params where they lie (`features.features_fn`, the extraction program of
@@ -60,9 +61,10 @@ def make_evaluator(ecfg, config, cfg: model_lib.IGPTConfig, palette, mesh) -> Ca
   def evaluate(params, step: int) -> dict:
     start = time.perf_counter()
     (train_x, train_y), (test_x, test_y) = (extract(params, splits[s]) for s in ("train", "test"))
-    acc = {l: logistic.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=l2s)["accuracy"]
-           for l in layers}
-    best = max(acc, key=acc.get)
+    records = {l: logistic.linear_probe(train_x[l], train_y, test_x[l], test_y, l2s=l2s)
+               for l in layers}
+    acc = {l: r["accuracy"] for l, r in records.items()}
+    best = protocol.best_layer(records)
     end = time.perf_counter()
     scalars = {"probe_accuracy": acc[best], "probe_layer": best,
                **{f"probe_accuracy_layer{l:02d}": a for l, a in acc.items()},

@@ -11,11 +11,19 @@ marker `{split}/done/p{process:03d}_s{shard:05d}.json` (rows, names, dtype) writ
 shard whose marker is there on every process is not recomputed, so an extraction that was
 preempted resumes where it stopped. Readers (`load_feature`, `shards`) see marked shards only,
 in (process, shard) order: the order of the split's rows.
+
+The offline probe names each split's set by what it holds (`feature_set`): `{role}_{hash}`, with
+`spec.json` saying what (checkpoint, data and split, model, reading, dtype, feature names) and,
+once complete, how many rows. A probe of another split, other layers or another checkpoint gets
+a set of its own beside the others; a complete set of the same spec holding every feature asked
+for is reused.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 from typing import Callable, Iterable, Mapping, Sequence
@@ -64,6 +72,37 @@ def features_fn(cfg: model_lib.IGPTConfig, layers: tuple[int, ...], reading: str
     return jax.tree.map(lambda *f: sum(f) / k_masks, *passes)
 
   return jax.jit(features)
+
+
+def token_features(cfg: model_lib.IGPTConfig, params, tokens, layers: Sequence[int]):
+  """Per-token features for the attentive probe: float32 [B, T, D], the mean over `layers` of
+  each layer's ln_1 output (layer n_layer: the ln_f output), before any pooling.
+
+  Traceable (called inside the attentive probe's jitted programs); BERT models are read
+  unmasked. Scanned blocks are run one by one here (their parameters sliced off the layer axis),
+  so only the layers asked for are kept, never a [L, B, T, D] stack.
+  """
+  layers = tuple(sorted(set(layers)))
+  model_lib.check_layers(cfg, layers)
+  if cfg.scan_layers:
+    blocks = {f"h_{i}": jax.tree.map(lambda x, i=i: x[i], params["h"]) for i in range(cfg.n_layer)}
+    params = {**{k: v for k, v in params.items() if k != "h"}, **blocks}
+  cfg = cfg.replace(scan_layers=False, remat="none")  # a forward pass: nothing to save for grads
+  wanted = {f"h_{l}" for l in layers if l < cfg.n_layer}
+
+  def captured(module, method):  # the ln_1 of the blocks asked for, and ln_f
+    return method == "__call__" and (
+        module.name == "ln_f" or (module.name == "ln_1" and module.parent.name in wanted))
+
+  mask = jnp.zeros(tokens.shape, bool) if cfg.objective == "bert" else None
+  _, state = model_lib.IGPT(cfg).apply(
+      {"params": params}, tokens, (max(layers),), "ln1", mask, method=model_lib.IGPT.features,
+      capture_intermediates=captured, mutable=["intermediates"])
+  got = state["intermediates"]
+  parts = [(got["ln_f"] if l == cfg.n_layer else got[f"h_{l}"]["ln_1"])["__call__"][0]
+           for l in layers]
+  out = sum(p.astype(jnp.float32) for p in parts) / len(parts)
+  return nn.with_logical_constraint(out, ("batch", None, None))
 
 
 def featurizer(cfg: model_lib.IGPTConfig, params, layers: Sequence[int] | None = None,
@@ -268,10 +307,36 @@ def _shard_counts(rows: int, batch: int, shard_batches: int) -> int:
   return -(-(-(-most // batch)) // shard_batches)
 
 
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def feature_set(root: paths.PathLike, role: str, spec: Mapping, names: Sequence[str],
+                layout: Mapping) -> tuple[str, dict]:
+  """(the split directory under root for these features, the record `write_features` keeps).
+
+  spec: everything the values of the rows depend on (JSON-able: checkpoint, data and split,
+  model, reading, dtype, ...); names: the features wanted; layout: how the shards are cut
+  (processes, rows per batch, batches per shard), which a resume must match. A complete set of
+  the same spec holding every name is reused, whatever its layout; otherwise the set of exactly
+  (spec, names, layout), `{role}_{hash}`, where an interrupted run of the same probe resumes.
+  Every process must call it before any of them writes (all then agree).
+  """
+  key, names = _digest(spec), sorted(names)
+  root = paths.path(root)
+  for info in sorted(root.glob("*/spec.json")) if root.exists() else ():
+    held = paths.read_json(info)
+    if held.get("key") == key and "rows" in held and set(names) <= set(held["names"]):
+      return info.parent.name, held
+  record = {"key": key, "spec": dict(spec), "names": names, "layout": dict(layout)}
+  return f"{role}_{_digest({k: record[k] for k in ('key', 'names', 'layout')})}", record
+
+
 def write_features(batches: Iterable[Mapping[str, np.ndarray]],
                    featurize: Callable, out_dir: paths.PathLike, split: str, *, rows: int,
                    shard_batches: int = 64, dtype: str = "float32",
-                   on_rows: Callable[[int], object] | None = None) -> list[dict]:
+                   on_rows: Callable[[int], object] | None = None,
+                   record: Mapping | None = None) -> list[dict]:
   """Streams this process's eval batches through `featurize` into shards of out_dir/split.
 
   batches: dicts with "tokens" [b, T], "labels" [b] and optionally "valid" [b] (the padded
@@ -282,7 +347,9 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
   are stored as `dtype` ("float32" or "bfloat16"), labels as int32. Shards already complete on
   every process are skipped without running featurize (their batches are still read: the
   stream cannot seek). on_rows(n) is called with each batch's number of valid rows (a progress
-  bar's update). Returns the split's shards (`shards`).
+  bar's update). record (`feature_set`'s): written to {split}/spec.json by process 0 before
+  the first shard, and again with the split's total "rows" once every process's shards are
+  written (a set with rows is complete). Returns the split's shards (`shards`).
   """
   if dtype not in DTYPES:
     raise ValueError(f"feature dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -303,6 +370,9 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
       elif on_rows is not None:
         on_rows(int(_valid(batch).sum()))
 
+  info = paths.path(out_dir) / split / "spec.json"
+  if record is not None and process == 0 and not done.all():
+    paths.write_json(info, dict(record))
   n = sum(s["rows"] for s in shards(out_dir, split)
           if s["process"] == process and done[s["shard"]])
   buffer, current = {}, None
@@ -338,7 +408,10 @@ def write_features(batches: Iterable[Mapping[str, np.ndarray]],
                      f"{rows} expected")
   if jax.process_count() > 1:  # every process's markers are written before any reader lists
     multihost_utils.sync_global_devices(f"features of {split} written")
-  return shards(out_dir, split)
+  found = shards(out_dir, split)
+  if record is not None and process == 0:
+    paths.write_json(info, {**record, "rows": sum(s["rows"] for s in found)})
+  return found
 
 
 def _valid(batch) -> np.ndarray:
@@ -347,7 +420,7 @@ def _valid(batch) -> np.ndarray:
 
 def _complete(marker, dtype: str) -> bool:
   """Whether a shard's marker is there, from an extraction to the same dtype. The names it
-  lists are not compared: an extraction of other layers or readings needs its own out_dir."""
+  lists are not compared: other layers or readings go to a set of their own (`feature_set`)."""
   return marker.exists() and paths.read_json(marker)["dtype"] == dtype
 
 

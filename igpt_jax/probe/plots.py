@@ -11,23 +11,37 @@ from igpt_jax import paths
 
 
 def plot_accuracy(path: str, curves: Mapping[str, Mapping[int, float]],
-                  baselines: Mapping[str, float] | None = None) -> None:
-  """PNG of probe accuracy vs layer, one line per curve, baselines as horizontal lines."""
+                  baselines: Mapping[str, float] | None = None, *,
+                  chosen: Mapping[str, int] | None = None,
+                  points: Mapping[str, tuple[float, float]] | None = None) -> None:
+  """PNG of probe accuracy vs layer, one line per curve, baselines as horizontal lines.
+
+  chosen: {curve: the layer chosen on validation}, ringed; points: {label: (layer, accuracy)},
+  single results drawn as stars (the attentive probe at its layer, or the mean of its layers).
+  """
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
-  for name, acc in curves.items():
+  for i, (name, acc) in enumerate(curves.items()):
     layers = sorted(acc)
-    ax.plot(layers, [100 * acc[l] for l in layers], marker="o", label=name)
+    ax.plot(layers, [100 * acc[l] for l in layers], marker="o", color=f"C{i}", label=name)
+    if chosen and name in chosen:
+      ringed = any(l.get_label() == "ringed: chosen on validation" for l in ax.lines)
+      ax.plot([chosen[name]], [100 * acc[chosen[name]]], marker="o", markersize=13,
+              fillstyle="none", color=f"C{i}", linestyle="none",
+              label="_" if ringed else "ringed: chosen on validation")
   for i, (name, acc) in enumerate((baselines or {}).items()):
     ax.axhline(100 * acc, linestyle="--", color=f"C{i + len(curves)}", label=name)
+  for i, (name, (layer, acc)) in enumerate((points or {}).items()):
+    ax.plot([layer], [100 * acc], marker="*", markersize=14, linestyle="none",
+            color=f"C{i + len(curves) + len(baselines or {})}", label=name)
   ax.set_xlabel("layer (last = ln_f output)")
-  ax.set_ylabel("linear probe accuracy (%)")
+  ax.set_ylabel("probe accuracy on test (%)")
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   fig.tight_layout()
   paths.write_with(path, lambda f: fig.savefig(f, dpi=120, format="png"))
   plt.close(fig)

@@ -7,7 +7,7 @@ same for the in-memory L-BFGS probe and the streaming SGD one.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,12 +16,32 @@ from igpt_jax.probe import logistic
 LOW_DATA_SIZES = (40, 250, 4000)
 
 
-def probe_layers(fit: Callable[[list[int]], dict], layers: Iterable[int]) -> dict:
-  """Probes every layer: fit([layer]) each. -> {"layers": {layer: probe result}, "best_layer",
-  "best_accuracy"}."""
+BEST_LAYER_BY = ("val_loss", "val_accuracy")
+
+
+def ranked_layers(records: Mapping[int, dict], by: str = "val_loss") -> list[int]:
+  """The layers, best first, by how their probes did on their validation rows (held out of
+  train): least cross-entropy ("val_loss") or highest accuracy ("val_accuracy"), each at the
+  probe's chosen hyperparameters; ties go to the lower layer. The test split is never read."""
+  if by not in BEST_LAYER_BY:
+    raise ValueError(f"best_layer_by={by!r}; expected one of {BEST_LAYER_BY}")
+  sign = 1 if by == "val_loss" else -1
+  return sorted(records, key=lambda l: (sign * records[l][f"chosen_{by}"], l))
+
+
+def best_layer(records: Mapping[int, dict], by: str = "val_loss") -> int:
+  """The first of `ranked_layers`."""
+  return ranked_layers(records, by)[0]
+
+
+def probe_layers(fit: Callable[[list[int]], dict], layers: Iterable[int],
+                 by: str = "val_loss") -> dict:
+  """Probes every layer: fit([layer]) each. -> {"layers": {layer: probe result}, "best_layer"
+  (chosen on validation, `best_layer`), "best_layer_by", "best_accuracy" (its test accuracy)}."""
   results = {int(l): fit([int(l)]) for l in layers}
-  best = max(results, key=lambda l: results[l]["accuracy"])
-  return {"layers": results, "best_layer": best, "best_accuracy": results[best]["accuracy"]}
+  best = best_layer(results, by)
+  return {"layers": results, "best_layer": best, "best_layer_by": by,
+          "best_accuracy": results[best]["accuracy"]}
 
 
 def concat_window(center: int, k: int, layers: Sequence[int]) -> list[int]:

@@ -71,12 +71,12 @@ def _sum_over_processes(x: np.ndarray) -> np.ndarray:
   return np.sum(multihost_utils.process_allgather(x), axis=0)
 
 
-def _statistics(feat_dir, names, shards, masks, chunk_rows: int):
+def _statistics(feat_dir, split: str, names, shards, masks, chunk_rows: int):
   """(mean [F], std [F], fit rows, largest label) over the fit rows of every process."""
   total = sq = None
   n, top = 0, 0
   for shard, held in zip(shards, masks):
-    for lo, x, y in _chunks(feat_dir, "train", names, shard, chunk_rows):
+    for lo, x, y in _chunks(feat_dir, split, names, shard, chunk_rows):
       x = np.asarray(x, np.float32)[~held[lo:lo + len(x)]]
       part, part_sq = x.sum(0, dtype=np.float64), np.einsum("nf,nf->f", x, x).astype(np.float64)
       total = part if total is None else total + part
@@ -92,14 +92,14 @@ def _statistics(feat_dir, names, shards, masks, chunk_rows: int):
   return mean.astype(np.float32), std.astype(np.float32), n, top
 
 
-def _minibatches(feat_dir, names, shards, masks, batch: int, chunk_rows: int,
+def _minibatches(feat_dir, split: str, names, shards, masks, batch: int, chunk_rows: int,
                  seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """This process's fit rows as (x [batch, F], y [batch]), epoch after epoch, forever."""
   x_left = y_left = None
   for epoch in itertools.count():
     rng = np.random.default_rng([seed, epoch])
     for i in rng.permutation(len(shards)):
-      for lo, x, y in _chunks(feat_dir, "train", names, shards[i], chunk_rows):
+      for lo, x, y in _chunks(feat_dir, split, names, shards[i], chunk_rows):
         keep = np.flatnonzero(~masks[i][lo:lo + len(x)])
         keep = keep[rng.permutation(len(keep))]
         x, y = x[keep], y[keep]
@@ -163,24 +163,28 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
                  lrs: Sequence[float] = (0.1,), l2s: Sequence[float] = (1e-4,),
                  epochs: int = 10, batch_size: int = 1024, val_fraction: float = 0.04,
                  chunk_rows: int = 8192, seed: int = 0, n_classes: int | None = None,
-                 on_epoch: Callable[[int, float], object] | None = None) -> dict:
-  """Fits the probe of features `names` (concatenated along F) of feat_dir's train shards.
+                 on_epoch: Callable[[int, float], object] | None = None,
+                 train: str = "train", test: str = "test") -> dict:
+  """Fits the probe of features `names` (concatenated along F) of the shards of split `train`
+  of feat_dir (a feature set's directory, `features.feature_set`), scored on split `test`.
 
   batch_size: the global minibatch (divides over the processes and the mesh's batch shards).
   One epoch = the fit rows once over (every process taking batch_size / processes of its own).
   on_epoch(epoch, seconds) is called after each epoch (a progress bar, a benchmark).
   Returns the L-BFGS probe's record ({"accuracy", "l2", "val_loss" {l2: least over lrs},
-  "val_accuracy" {l2: at that lr}, "train_accuracy", "iterations"}) plus "solver": "sgd",
+  "val_accuracy" {l2: at that lr}, "chosen_val_loss", "chosen_val_accuracy",
+  "train_accuracy", "iterations"}) plus "solver": "sgd",
   "lr", and "grid": [{"lr", "l2", "val_loss", "val_accuracy"}].
   """
   names = list(names)
   lrs, l2s = [float(v) for v in lrs], [float(v) for v in l2s]
   grid = list(itertools.product(lrs, l2s))
   sharding_lib.check_batch_size(batch_size, mesh)
-  train = _own_shards(feat_dir, "train")
-  test = _own_shards(feat_dir, "test")
+  train_split, test_split = train, test
+  train = _own_shards(feat_dir, train_split)
+  test = _own_shards(feat_dir, test_split)
   masks = [_held_out(s, val_fraction, seed) for s in train]
-  mean, std, n_fit, top = _statistics(feat_dir, names, train, masks, chunk_rows)
+  mean, std, n_fit, top = _statistics(feat_dir, train_split, names, train, masks, chunk_rows)
   n_classes = n_classes or top + 1
   steps_per_epoch = n_fit // batch_size
   if steps_per_epoch < 1:
@@ -197,8 +201,8 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
   constants = jax.device_put((np.array([g[0] for g in grid], np.float32),
                               np.array([g[1] for g in grid], np.float32), mean, std), replicated)
   step = _train_step(total)
-  batches = _minibatches(feat_dir, names, train, masks, batch_size // jax.process_count(),
-                         chunk_rows, seed)
+  batches = _minibatches(feat_dir, train_split, names, train, masks,
+                         batch_size // jax.process_count(), chunk_rows, seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES):
     for epoch in range(epochs):
       start = time.perf_counter()
@@ -213,9 +217,9 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
       if on_epoch is not None:
         on_epoch(epoch, time.perf_counter() - start)
 
-  on_train = _score(params, feat_dir, "train", names, train, masks, chunk_rows, mean, std)
-  on_test = _score(params, feat_dir, "test", names, test, [np.zeros(s["rows"], bool)
-                                                          for s in test], chunk_rows, mean, std)
+  on_train = _score(params, feat_dir, train_split, names, train, masks, chunk_rows, mean, std)
+  on_test = _score(params, feat_dir, test_split, names, test,
+                   [np.zeros(s["rows"], bool) for s in test], chunk_rows, mean, std)
   ce_sum, correct, rows = on_train["val"]
   val_loss, val_acc = ce_sum / np.maximum(rows, 1), correct / np.maximum(rows, 1)
   table = [{"lr": lr, "l2": l2, "val_loss": float(val_loss[i]), "val_accuracy": float(val_acc[i])}
@@ -228,6 +232,7 @@ def stream_probe(feat_dir: paths.PathLike, names: Sequence, *, mesh: Mesh,
   return {"accuracy": float(test_ok[best] / test_rows[best]), "l2": grid[best][1],
           "val_loss": {l2: r["val_loss"] for l2, r in by_l2.items()},
           "val_accuracy": {l2: r["val_accuracy"] for l2, r in by_l2.items()},
+          "chosen_val_loss": float(val_loss[best]), "chosen_val_accuracy": float(val_acc[best]),
           "train_accuracy": float(fit_ok[best] / fit_rows[best]), "iterations": total,
           "solver": "sgd", "lr": grid[best][0], "grid": table,
           "n_fit": int(fit_rows[best]), "n_val": int(rows[best])}
