@@ -15,6 +15,13 @@ import time
 # Mesh tests need several devices; on CPU, XLA can fake them. Must be set before jax imports.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Most of the suite's time is XLA compiling small programs, the same ones at every run and in
+# several tests: jax's persistent cache keeps them across runs, test processes and the launch
+# scripts the tests start (which inherit the environment). IGPT_TEST_XLA_CACHE= turns it off.
+_CACHE = os.environ.get("IGPT_TEST_XLA_CACHE", os.path.expanduser("~/.cache/igpt_jax/xla-tests"))
+if _CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import numpy as np
 import pytest

@@ -285,6 +285,7 @@ def test_a_restart_loads_its_programs_from_the_compilation_cache(files, tmp_path
   # A constant schedule: the restart's step is the first run's program though it goes further.
   config = tiny_config(files, total_steps=6, eval_every=0, checkpoint_every=3, sample_every=0,
                        schedule="constant")
+  suites = jax.config.jax_compilation_cache_dir  # conftest's, given back afterwards
   try:
     console.compilation_cache(str(tmp_path / "cache"))
     train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -293,7 +294,7 @@ def test_a_restart_loads_its_programs_from_the_compilation_cache(files, tmp_path
     config.total_steps = 9  # the restart
     train.train_and_evaluate(config, str(tmp_path / "run"))
   finally:
-    console.compilation_cache("")
+    console.compilation_cache(suites or "")
   assert hits
 
 
