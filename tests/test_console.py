@@ -165,9 +165,15 @@ def test_the_same_probe_twice_gives_the_same_results(consoles):
   first, again = (json.loads((d / run / "probe" / "results.json").read_text())
                   for run in ("pre", "pre_again"))
   assert first.pop("workdir") != again.pop("workdir")
+  # Feature sets are named by what they hold, the checkpoint's workdir included.
+  sets = first.pop("features"), again.pop("features")
   assert first == again
-  root = d / "pre" / "probe" / "features"
-  files = sorted(f.relative_to(root) for f in root.rglob("*") if f.is_file())
-  assert files  # shards of every feature and their completion markers
-  for f in files:
-    assert (root / f).read_bytes() == (d / "pre_again" / "probe" / "features" / f).read_bytes(), f
+  for role in ("train", "test"):
+    a, b = (d / run / "probe" / "features" / s[role] for run, s in zip(("pre", "pre_again"), sets))
+    files = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file() and f.name != "spec.json")
+    assert files  # shards of every feature and their completion markers
+    for f in files:
+      assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    spec_a, spec_b = (json.loads((x / "spec.json").read_text()) for x in (a, b))
+    assert spec_a["spec"].pop("workdir") != spec_b["spec"].pop("workdir")
+    assert spec_a.pop("key") != spec_b.pop("key") and spec_a == spec_b
