@@ -4,6 +4,8 @@ r"""A seconds-long run for tests and smoke checks: 4x4 images, 16 colours, 2 lay
     --config.data.name=path/to/images.npz
 """
 
+import os
+
 from experiments import base
 
 
@@ -21,5 +23,7 @@ def get_config():
   c.eval_every = 4
   c.checkpoint_every = 2
   c.keep_checkpoints = 20
-  c.compilation_cache = ""  # tests compile from scratch, whatever ran on the machine before
+  # The test suite's cache when the suite runs it (tests/conftest.py sets the variable), else
+  # none: a smoke check compiles from scratch, whatever ran on the machine before.
+  c.compilation_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
   return c
