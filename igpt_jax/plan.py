@@ -481,7 +481,7 @@ HOST_CPUS = {
 }
 # Images/s one host core turns into tokens by resolution: `python -m bench.data --threads 1
 # --imagenet ...` on 1,000 ImageNet JPEGs with the ImageNet augmentation (docs/performance.md).
-INPUT_IMAGES_PER_CORE_S = {32: 661, 48: 611, 64: 575}
+INPUT_IMAGES_PER_CORE_S = {32: 724, 48: 672, 64: 632}
 
 
 def input_needs(record: dict, images_per_core_s: float | None = None) -> dict:

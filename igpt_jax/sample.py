@@ -115,8 +115,9 @@ def host_mesh(cfg: IGPTConfig, batch_size: int) -> jax.sharding.Mesh | None:
   Accelerators split the batch (`sharding.data_mesh`). A CPU host, one XLA device per core
   (`sharding.use_one_cpu_device_per_core`), splits the model: a decode step is bound by reading
   every weight, which each device holding the whole model reads in full, while split by heads
-  (the tensor axis) each reads its share; devices left over split the batch. On 2 cores that
-  drew 1.8x the tokens/s of splitting the batch, the same tokens (bench.sample's shape).
+  (the tensor axis) each reads its share; devices left over split the batch. The same tokens
+  either way; at bench.sample's shape on 2 cores, 1.05x the tokens/s of splitting the batch on
+  an idle machine (710 - 727 against 684 - 693), 1.8x while other jobs loaded the cores.
   """
   if jax.default_backend() != "cpu":
     return sharding_lib.data_mesh(batch_size)

@@ -13,6 +13,9 @@ from absl import app
 from absl import flags
 
 from igpt_jax import console
+
+console.setup()  # first, before anything imports jax: see console.setup
+
 from igpt_jax import goodput
 from igpt_jax import paths
 
@@ -23,7 +26,6 @@ _OUT = flags.DEFINE_string("out", None, "Where the PNG goes; default <workdir>/g
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  console.setup()
   processes = goodput.load(_WORKDIR.value)
   summary = goodput.summarize(processes)
   out = _OUT.value or str(paths.path(_WORKDIR.value) / "goodput.png")

@@ -173,8 +173,10 @@ def test_goodput_counts_steps_trained_again_as_lost_and_the_gap_as_down():
 def test_summary_command_prints_and_draws(tmp_path):
   for record in rows(("start", 0.0, 0), ("row", 10.0, 10, 8.0, 2.0), ("end", 11.0, 10, 0, 1)):
     metrics_lib.append_jsonl(tmp_path / goodput.FILE, record, fresh=False)
-  out = subprocess.run([sys.executable, "-m", "launch.goodput", f"--workdir={tmp_path}"],
-                       cwd=REPO, capture_output=True, text=True, check=True).stdout
+  done = subprocess.run([sys.executable, "-m", "launch.goodput", f"--workdir={tmp_path}"],
+                        cwd=REPO, capture_output=True, text=True, check=True)
+  out = done.stdout
+  assert "absl::InitializeLog" not in done.stderr  # set up before jax imports, as every script
   summary = json.loads(out.splitlines()[-1])
   assert summary["goodput"] == round(8 / 11, 4) and summary["badput_s"]["host"] == 3.0
   assert "goodput 72.7%" in out
