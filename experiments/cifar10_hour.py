@@ -5,8 +5,8 @@ r"""An hour of pretraining on a 2-core CPU: 12 layers of width 96 on CIFAR-10 at
       --baselines
 
 Data, held-out split, reading and probe protocol are the README demo's
-(experiments/cifar10_tiny.py); the resolution, model and schedule differ. README, "An hour on
-the CPU", has the measured times and the probe curve.
+(experiments/cifar10_tiny.py); the resolution, model and schedule differ. docs/results.md, "An
+hour on the CPU", has the measured times and the probe curve (of commit 7881a3e).
 """
 
 from experiments import cifar10_tiny
@@ -17,7 +17,7 @@ def get_config():
   # 16x16 rather than the demo's 8x8: three 8x8 models (8 x 256 for an hour, 16 x 128 for 31
   # minutes, 6 x 192 for 16) probed 43.2 - 44.8% at their best layer, none peaking mid-depth.
   # 12 layers of width 96 (1.45M parameters), deep enough for a middle and a top, about 0.4
-  # steps/s of batch 64 on the 2 cores; 6 layers of width 128 rose to the top (README).
+  # steps/s of batch 64 on the 2 cores; 6 layers of width 128 rose to the top.
   c.model.update(n_px=16, n_layer=12, n_embd=96, n_head=3, attention="auto")
   # 76,800 images, 1.9 passes over train[:40000].
   c.total_steps = 1200

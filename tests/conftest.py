@@ -64,6 +64,16 @@ def imagenet_sample() -> pathlib.Path:
   return IMAGENET_SAMPLE
 
 
+def labelled_images(n: int, side: int):
+  """uint8 [n, side, side, 3] images and int32 [n] labels of 4 classes that pixels and features
+  can learn: class c is brighter in channel c % 3."""
+  rng = np.random.default_rng(0)
+  labels = np.arange(n, dtype=np.int32) % 4
+  images = rng.integers(0, 100, (n, side, side, 3)).astype(np.uint8)
+  images[np.arange(n), :, :, labels % 3] += 120
+  return images, labels
+
+
 def tie_palette(centres):
   """centres [k, 3] with exact ties added: the first 4 repeated after the rest, 4 more with green
   and blue swapped (equal for grey pixels up to the order of the float additions), and a pair at

@@ -12,6 +12,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax.probe import attentive
 from igpt_jax import probe
+from conftest import labelled_images
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -79,10 +80,7 @@ def test_token_features_pool_to_the_linear_probes_features():
 def tiny_npz(tmp_path_factory):
   """48 labelled 4x4 images, 4 classes (class c brighter in channel c % 3), and a palette."""
   root = tmp_path_factory.mktemp("attentive")
-  rng = np.random.default_rng(0)
-  labels = np.arange(48, dtype=np.int32) % 4
-  images = rng.integers(0, 100, (48, 4, 4, 3)).astype(np.uint8)
-  images[np.arange(48), :, :, labels % 3] += 120
+  images, labels = labelled_images(48, 4)
   np.savez(root / "tiny.npz", images=images, labels=labels)
   return root / "tiny.npz"
 

@@ -19,6 +19,7 @@ from igpt_jax import console
 from igpt_jax import convert
 from igpt_jax import model as model_lib
 from igpt_jax import palette as palette_lib
+from conftest import labelled_images
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -83,10 +84,7 @@ OWN_FILES = {p.name for d in ("igpt_jax", "launch") for p in (REPO / d).rglob("*
 def consoles(tmp_path_factory):
   """{script: console output (stdout and stderr)} of each launch script on a tiny model."""
   d = tmp_path_factory.mktemp("console")
-  rng = np.random.default_rng(0)
-  labels = np.arange(64) % 4
-  images = rng.integers(0, 100, (64, 4, 4, 3)).astype(np.uint8)
-  images[np.arange(64), :, :, labels % 3] += 120
+  images, labels = labelled_images(64, 4)
   np.savez(d / "images.npz", images=images, labels=labels)
   cfg = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
   params = model_lib.init_params(cfg, jax.random.key(0))

@@ -17,6 +17,7 @@ from igpt_jax import model as model_lib
 from igpt_jax import probe
 from igpt_jax import sharding
 from igpt_jax import steps
+from conftest import labelled_images
 
 CFG = model_lib.IGPTConfig(n_px=4, n_layer=2, n_embd=32, n_head=2, vocab_size=16)
 
@@ -180,11 +181,7 @@ def test_pixel_histograms_sum_to_one_and_rgb_has_three_values_per_pixel():
 def run_dir(params, tmp_path_factory):
   """A weights-only checkpoint of CFG and a tiny labelled .npz of 8x8 images (4 classes)."""
   root = tmp_path_factory.mktemp("probe_run")
-  rng = np.random.default_rng(0)
-  labels = np.arange(48, dtype=np.int32) % 4
-  # Class c is brighter in channel c % 3: learnable from pixels and from features.
-  images = rng.integers(0, 100, (48, 8, 8, 3)).astype(np.uint8)
-  images[np.arange(48), :, :, labels % 3] += 120
+  images, labels = labelled_images(48, 8)
   np.savez(root / "tiny.npz", images=images, labels=labels)
   np.savez(root / "unlabelled.npz", images=images, labels=np.full(48, -1, np.int32))
   palette = np.random.default_rng(1).uniform(-1, 1, (CFG.vocab_size, 3)).astype(np.float32)
