@@ -130,7 +130,7 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, meta: dict, 
   if opt_state is not None:
     items["opt_state"] = ocp.args.StandardSave(opt_state)
   if force or mngr.should_save(step):  # orbax then waits for the previous save: its failure
-    check_saves(mngr, wait=True, done=step)  # is reported as its own
+    check_saves(mngr, wait=True)  # is reported as its own
   try:
     return mngr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
   except Exception as e:  # pylint: disable=broad-except  # e.g. no permission to make the step dir
@@ -253,46 +253,20 @@ def storage_watch(mngr: ocp.CheckpointManager):
 
 
 def check_saves(mngr: ocp.CheckpointManager, *, wait: bool = False,
-                preempted: bool = False, done: int | None = None) -> None:
+                preempted: bool = False) -> None:
   """Raises SaveFailed when the newest async save has failed.
 
   Without wait, returns at once while a save is still being written (cheap: call it every
-  step); with wait, blocks until it is done. preempted: the line says the run was preempted.
-  done: the loop's last completed step, for the lost-process line (default: the save's step).
+  step); with wait, blocks until it is done (a process of the job lost meanwhile ends the wait:
+  faults.pulse_watch). preempted: the line says the run was preempted.
   """
   if not wait and mngr.is_saving_in_progress():
     return
   step = mngr.latest_step()  # a failed save is dropped from orbax's list only once waited on
-  if jax.process_count() > 1:
-    _wait_for_peers(mngr, step, step if done is None else done)
   try:
     mngr.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # tensorstore, OS and GCS errors alike
     raise _save_failed(mngr, step, e, preempted) from e
-
-
-# A multi-process save ends in a barrier of every process, which waits for a dead one until the
-# heartbeat timeout. Waiting this long on a save, the processes take a roll call.
-ROLL_CALL_EVERY_S = 10.0
-
-
-def _wait_for_peers(mngr: ocp.CheckpointManager, step: int | None, done: int | None) -> None:
-  """Waits for the save in flight; faults.PeerLost if a process of the job is gone meanwhile.
-
-  Every process waits on the same save, so the k-th roll call (after k * ROLL_CALL_EVERY_S)
-  is the same one on all of them.
-  """
-  start, calls = time.monotonic(), 0
-  while mngr.is_saving_in_progress():
-    time.sleep(0.2)
-    if time.monotonic() - start < (calls + 1) * ROLL_CALL_EVERY_S:
-      continue
-    calls += 1
-    lost = faults.lost_processes(f"save_{step}_{calls}")
-    if lost:
-      raise faults.peer_lost(lost, f"the save of step {step} waited "
-                             f"{time.monotonic() - start:.0f} s for it", done,
-                             newest_good_step(mngr.directory))
 
 
 # A read that fails for a reason outside the checkpoint (the storage answering 5xx, a timeout,

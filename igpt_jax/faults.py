@@ -6,6 +6,7 @@
   exit_now(status)         flushes the logs and leaves at once, without interpreter shutdown
   exit_done()              a launch script's last call: leave the job, exit_now(0)
   PeerLost, peer_watch()   a collective failed because a process of the job is gone
+  pulse_watch()            a process of the job went silent while this one waits on it
   last_completed(...)      the last step whose results exist, for PeerLost's line
   watchdog(deadline, line) a hang: every thread's stack to the log, one line, exit HUNG
 
@@ -140,12 +141,105 @@ def peer_watch(last_step: Callable[[], int], newest_checkpoint: Callable[[], int
   except Exception as e:  # pylint: disable=broad-except  # jax raises JaxRuntimeError, orbax others
     if isinstance(e, Fault) or not is_peer_loss(e):
       raise
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    logging.warning("a collective failed (%s): calling the roll of the job's processes", first)
     lost = lost_processes()
     if not lost:  # everyone answered: not a lost process after all
       raise
-    first = (str(e).strip().splitlines() or [""])[0][:200]
     raise peer_lost(lost, f"a collective failed: {first}", last_step(),
                     newest_checkpoint()) from e
+
+
+# Every process of a multi-process job writes its pulse (a counter under its key in the
+# coordination service) every PULSE_S; one whose pulse has not moved for SILENT_S is lost. That
+# must stay well under jax's heartbeat timeout (100 s; here it aborted survivors 56 to 100 s
+# after a kill), after which jax ends every survivor with SIGABRT instead of this line.
+PULSE_S = 1.0
+SILENT_S = 20.0
+_beating = threading.Event()
+
+
+def start_pulse() -> None:
+  """Starts this process's pulse (once; no-op for a single process): a daemon thread that
+  beats until the process exits, so that processes that leave their watches at different times
+  never see each other fall silent. `sharding.maybe_initialize_distributed` starts it as the
+  process joins the job; pulse_watch does if nothing has."""
+  if jax.process_count() == 1 or _beating.is_set():
+    return
+  _beating.set()
+  threading.Thread(target=_beat, args=(_client(), jax.process_index()), name="igpt-pulse",
+                   daemon=True).start()
+
+
+def _beat(client, me: int) -> None:
+  count = 0
+  while True:
+    count += 1
+    try:
+      client.key_value_set(f"igpt_pulse/{me}", str(count), allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # the listeners judge the silence
+      pass
+    time.sleep(PULSE_S)
+
+
+class Silence:
+  """Which processes have been silent for SILENT_S, from successive readings of the pulses.
+
+  A process counts from the first reading (a watch starts before its peers' first beats).
+  While the coordination service does not answer at all, its host, process 0, is the lost one.
+  """
+
+  def __init__(self, processes: int, now: float):
+    self.values: dict[int, str] = {}
+    self.moved = {p: now for p in range(processes)}
+    self.answered = now
+
+  def hear(self, pulses: list[tuple[str, str]] | None, now: float) -> list[int]:
+    """pulses: key_value_dir_get's [(key, value)], None when the service did not answer."""
+    if pulses is None:
+      return [0] if now - self.answered > SILENT_S else []
+    self.answered = now
+    for key, value in pulses:
+      p = int(key.rsplit("/", 1)[1])
+      if self.values.get(p) != value:
+        self.values[p], self.moved[p] = value, now
+    return sorted(p for p, t in self.moved.items() if now - t > SILENT_S)
+
+
+@contextlib.contextmanager
+def pulse_watch(last_step: Callable[[], int], newest_checkpoint: Callable[[], int | None]):
+  """Ends this process with PeerLost's line and status when another process of the job falls
+  silent (its pulse unmoved for SILENT_S) while the block runs, from a thread of its own: also
+  while the main thread waits in a call that would wait for the lost process until jax's
+  heartbeat timeout (orbax's barriers around a save, a collective still being set up), where
+  no collective fails for peer_watch to see. last_step must not block (the main thread may
+  hang on the step in flight). No-op for a single process."""
+  if jax.process_count() == 1:
+    yield
+    return
+  start_pulse()
+  client, me = _client(), jax.process_index()
+  stop = threading.Event()
+
+  def listen():
+    silence = Silence(jax.process_count(), time.monotonic())
+    while not stop.wait(PULSE_S):
+      try:
+        pulses = client.key_value_dir_get("igpt_pulse/")
+      except Exception:  # pylint: disable=broad-except  # the service is unreachable
+        pulses = None
+      lost = [p for p in silence.hear(pulses, time.monotonic()) if p != me]
+      if lost and not stop.is_set():
+        logging.error("%s", peer_lost(lost, f"silent for {SILENT_S:.0f} s", last_step(),
+                                      newest_checkpoint()))
+        exit_now(PEER_LOST)
+
+  thread = threading.Thread(target=listen, name="igpt-pulse-listener", daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
 
 
 def last_completed(pending, synced: int) -> int:

@@ -461,7 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   watch = goodput_lib.StepWatch(config.watchdog.straggler)
   hung = lambda: goodput_lib.hang_deadline(ledger, watch, config.watchdog.timeout_s,
                                             config.watchdog.phase_s)
-  with faults.watchdog(hung, _hang_line(ledger, watch, pending, newest)), watch, \
+  with faults.pulse_watch(lambda: max(watch.last_step or 0, pending.synced), newest), \
+      faults.watchdog(hung, _hang_line(ledger, watch, pending, newest)), watch, \
       jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.RULES), _Preemption() as stop, \
       faults.peer_watch(pending.last_completed, newest), ckpt_lib.storage_watch(mngr):
     shardings = steps_lib.state_shardings(cfg, tx, mesh)

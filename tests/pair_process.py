@@ -4,13 +4,15 @@ something different (conftest's `run_pair` starts two of them):
   python tests/pair_process.py restore WORKDIR [--unreadable_on=1 --unreadable_step=6]
       [--transient_on=0 --transient_step=6 --transient_times=2]
   python tests/pair_process.py palette WORKDIR --data=IMAGES.npz
+  python tests/pair_process.py silent WORKDIR
 
 `restore` restores the newest readable train state of WORKDIR (local or gs://) as the training
 loop does (checkpoint.restore), onto a mesh over both processes. A fault is injected below orbax, in
 StandardCheckpointHandler.restore, on one process only: `unreadable` raises what TensorStore
 raises for a truncated array file, `transient` what it raises for a GCS 503, the first
 `transient_times` reads of that step. `palette` gets the run's palette (train's recipe) with
-none saved, recording whether this process fitted one.
+none saved, recording whether this process fitted one. `silent`: process 1 vanishes while
+process 0 waits for it in a barrier (`silent` below).
 
 The last line printed is JSON: what this process ended with.
 """
@@ -30,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from igpt_jax import checkpoint
+from igpt_jax import faults
 from igpt_jax import fit_palette
 from igpt_jax import model as model_lib
 from igpt_jax import paths
@@ -93,9 +96,21 @@ def palette(args) -> dict:
   return {"fitted": bool(fitted), "palette": np.asarray(got).tolist()}
 
 
+def silent(args) -> dict:
+  """Process 1 leaves at once, without a word; process 0 waits for it in a barrier (as orbax's
+  save does) under the loop's pulse watch, which must end it with the lost-process status."""
+  del args
+  faults.SILENT_S = 4.0
+  if jax.process_index() == 1:
+    os._exit(0)  # pylint: disable=protected-access
+  with faults.pulse_watch(lambda: 7, lambda: None):
+    faults._client().wait_at_barrier("pair_silent", 300_000)  # pylint: disable=protected-access
+  return {"barrier": "passed"}
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("what", choices=["restore", "palette"])
+  parser.add_argument("what", choices=["restore", "palette", "silent"])
   parser.add_argument("workdir")
   parser.add_argument("--data")
   for fault in ("unreadable", "transient"):
@@ -104,7 +119,7 @@ def main():
   parser.add_argument("--transient_times", type=int, default=0)
   args = parser.parse_args()
   sharding.maybe_initialize_distributed()
-  out = {"restore": restore, "palette": palette}[args.what](args)
+  out = {"restore": restore, "palette": palette, "silent": silent}[args.what](args)
   print(json.dumps({"process": jax.process_index(), **out}), flush=True)
   jax.distributed.shutdown()
 
