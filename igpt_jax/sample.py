@@ -67,7 +67,6 @@ def cache_length(n_ctx: int, position: int) -> int:
   return min(n_ctx, (position // chunk + 1) * chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p", "sharding"))
 def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy, top_k, use_top_p,
             sharding):
   """prompt [B, P] (P < T) -> tokens [B, T] whose first P tokens are the prompt's."""
@@ -109,6 +108,17 @@ def _sample(params, rng, prompt, temperature, top_p, *, cfg: IGPTConfig, greedy,
   return tokens
 
 
+_STATIC = ("cfg", "greedy", "top_k", "use_top_p", "sharding")
+# On CPU, XLA hands a decode step's matmuls ([B, D] x [D, N], B rows) to YNNPACK, which ran them
+# at about a third of the bandwidth XLA's own dot reached on the attention's cache reads (profile
+# of bench.sample: 59 us per call for 0.4 MB of weights). Without it: 985 - 1032 against 855 -
+# 877 tokens/s at bench.sample's shape. Per program (an empty list: no YNNPACK fusions in it), so
+# the rest of the process keeps them.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_sample_jit = jax.jit(_sample, static_argnames=_STATIC)
+_sample_cpu = jax.jit(_sample, static_argnames=_STATIC, compiler_options=_CPU_OPTIONS)
+
+
 def host_mesh(cfg: IGPTConfig, batch_size: int) -> jax.sharding.Mesh | None:
   """The mesh this host samples `batch_size` images on (None: one device).
 
@@ -116,8 +126,8 @@ def host_mesh(cfg: IGPTConfig, batch_size: int) -> jax.sharding.Mesh | None:
   (`sharding.use_one_cpu_device_per_core`), splits the model: a decode step is bound by reading
   every weight, which each device holding the whole model reads in full, while split by heads
   (the tensor axis) each reads its share; devices left over split the batch. The same tokens
-  either way; at bench.sample's shape on 2 cores, 1.05x the tokens/s of splitting the batch on
-  an idle machine (710 - 727 against 684 - 693), 1.8x while other jobs loaded the cores.
+  either way; at bench.sample's shape on 2 cores, 1.31x the tokens/s of splitting the batch on
+  an idle machine (1015 against 773; one device: 691), 1.8x while other jobs loaded the cores.
   """
   if jax.default_backend() != "cpu":
     return sharding_lib.data_mesh(batch_size)
@@ -162,7 +172,8 @@ def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = 
   if prompt.shape[1] == cfg.n_ctx:
     return prompt
 
-  run = functools.partial(_sample, temperature=jnp.float32(temperature),
+  on_cpu = (jax.default_backend() if mesh is None else mesh.devices.flat[0].platform) == "cpu"
+  run = functools.partial(_sample_cpu if on_cpu else _sample_jit, temperature=jnp.float32(temperature),
                           top_p=jnp.float32(top_p or 1.0), cfg=cfg, greedy=temperature == 0,
                           top_k=top_k, use_top_p=top_p is not None)
   if mesh is None:
@@ -182,7 +193,7 @@ def lower(cfg: IGPTConfig, params, rng, prompt, *, mesh: jax.sharding.Mesh):
   """The sampler (temperature 1, no filtering) lowered for abstract, sharded inputs on mesh:
   launch/plan.py's "sample" program. Call under `jax.set_mesh(mesh)` and the logical rules."""
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(mesh))
-  return _sample.lower(params, rng, prompt, scalar, scalar, cfg=cfg, greedy=False, top_k=None,
+  return _sample_jit.lower(params, rng, prompt, scalar, scalar, cfg=cfg, greedy=False, top_k=None,
                        use_top_p=False, sharding=sharding_lib.batch_sharding(mesh))
 
 
