@@ -219,23 +219,35 @@ def pulse_watch(last_step: Callable[[], int], newest_checkpoint: Callable[[], in
     return
   start_pulse()
   client, me = _client(), jax.process_index()
+  silence = Silence(jax.process_count(), time.monotonic())
+
+  def listen(stopped: Callable[[], bool]):
+    try:
+      pulses = client.key_value_dir_get("igpt_pulse/")
+    except Exception:  # pylint: disable=broad-except  # the service is unreachable
+      pulses = None
+    lost = [p for p in silence.hear(pulses, time.monotonic()) if p != me]
+    if lost and not stopped():
+      logging.error("%s", peer_lost(lost, f"silent for {SILENT_S:.0f} s", last_step(),
+                                    newest_checkpoint()))
+      exit_now(PEER_LOST)
+
+  with _beside(listen, PULSE_S, "igpt-pulse-listener"):
+    yield
+
+
+@contextlib.contextmanager
+def _beside(tick: Callable[[Callable[[], bool]], None], poll_s: float, name: str):
+  """Calls tick(stopped) every poll_s from a daemon thread of its own while the block runs;
+  stopped() says whether the block has ended meanwhile (a tick that would end the process
+  asks it last)."""
   stop = threading.Event()
 
-  def listen():
-    silence = Silence(jax.process_count(), time.monotonic())
-    while not stop.wait(PULSE_S):
-      try:
-        pulses = client.key_value_dir_get("igpt_pulse/")
-      except Exception:  # pylint: disable=broad-except  # the service is unreachable
-        pulses = None
-      lost = [p for p in silence.hear(pulses, time.monotonic()) if p != me]
-      if lost and not stop.is_set():
-        logging.error("%s", peer_lost(lost, f"silent for {SILENT_S:.0f} s", last_step(),
-                                      newest_checkpoint()))
-        exit_now(PEER_LOST)
+  def loop():
+    while not stop.wait(poll_s):
+      tick(stop.is_set)
 
-  thread = threading.Thread(target=listen, name="igpt-pulse-listener", daemon=True)
-  thread.start()
+  threading.Thread(target=loop, name=name, daemon=True).start()
   try:
     yield
   finally:
@@ -262,25 +274,19 @@ def watchdog(deadline: Callable[[], tuple[float | None, str]], line: Callable[[s
   Past it, the stack of every thread goes to stderr (faulthandler: the Python frames, also of a
   thread blocked in XLA), then line(what) as the run's one error line, and the process exits
   HUNG, so that a scheduler restarts the job."""
-  stop = threading.Event()
 
-  def watch():
-    while not stop.wait(poll_s):
-      when, what = deadline()
-      if when is not None and time.perf_counter() > when and not stop.is_set():
-        logging.error("the run is hung (%s); the stacks of every thread follow", what)
-        for handler in logging.getLogger().handlers:
-          handler.flush()
-        try:
-          faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor
-          faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-        logging.error("%s", line(what))
-        exit_now(HUNG)
+  def watch(stopped: Callable[[], bool]):
+    when, what = deadline()
+    if when is not None and time.perf_counter() > when and not stopped():
+      logging.error("the run is hung (%s); the stacks of every thread follow", what)
+      for handler in logging.getLogger().handlers:
+        handler.flush()
+      try:
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+      except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+      logging.error("%s", line(what))
+      exit_now(HUNG)
 
-  thread = threading.Thread(target=watch, name="igpt-watchdog", daemon=True)
-  thread.start()
-  try:
+  with _beside(watch, poll_s, "igpt-watchdog"):
     yield
-  finally:
-    stop.set()

@@ -173,9 +173,10 @@ def sample(cfg: IGPTConfig, params, rng: jax.Array, *, batch_size: int | None = 
     return prompt
 
   on_cpu = (jax.default_backend() if mesh is None else mesh.devices.flat[0].platform) == "cpu"
-  run = functools.partial(_sample_cpu if on_cpu else _sample_jit, temperature=jnp.float32(temperature),
-                          top_p=jnp.float32(top_p or 1.0), cfg=cfg, greedy=temperature == 0,
-                          top_k=top_k, use_top_p=top_p is not None)
+  run = functools.partial(_sample_cpu if on_cpu else _sample_jit,
+                          temperature=jnp.float32(temperature), top_p=jnp.float32(top_p or 1.0),
+                          cfg=cfg, greedy=temperature == 0, top_k=top_k,
+                          use_top_p=top_p is not None)
   if mesh is None:
     return run(params, rng, prompt, sharding=None)
   if prompt.shape[0] % sharding_lib.batch_shards(mesh):
@@ -193,8 +194,9 @@ def lower(cfg: IGPTConfig, params, rng, prompt, *, mesh: jax.sharding.Mesh):
   """The sampler (temperature 1, no filtering) lowered for abstract, sharded inputs on mesh:
   launch/plan.py's "sample" program. Call under `jax.set_mesh(mesh)` and the logical rules."""
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding_lib.replicated(mesh))
-  return _sample_jit.lower(params, rng, prompt, scalar, scalar, cfg=cfg, greedy=False, top_k=None,
-                       use_top_p=False, sharding=sharding_lib.batch_sharding(mesh))
+  return _sample_jit.lower(params, rng, prompt, scalar, scalar, cfg=cfg, greedy=False,
+                          top_k=None, use_top_p=False,
+                          sharding=sharding_lib.batch_sharding(mesh))
 
 
 def prefix_length(cfg: IGPTConfig, *, rows: int | None = None,
